@@ -1,0 +1,260 @@
+"""The Python API: load, save, export, calibrate, quantize, convert.
+
+``convert`` is the whole pipeline behind ``onnxq convert``::
+
+    export (HF folder → ONNX) → canonicalize → outlier passes (FP32-equivalent)
+    → calibrate (onnxruntime) → insert Q/DQ for the target → validate → save + report
+
+Each step is also a function of its own, so export scripts can compose them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq import io as _io
+from onnxq._progress import Progress
+from onnxq.calibration import data as _data
+from onnxq.calibration.runner import calibrate as _calibrate
+from onnxq.calibration.runner import make_session
+from onnxq.calibration.stats import Stats
+from onnxq.errors import OnnxqError
+from onnxq.eval.fidelity import Fidelity, collect_outputs, fidelity, first_output
+from onnxq.recipe import Recipe
+from onnxq.targets.profiles import get_target
+
+__all__ = [
+    "ConvertResult",
+    "calibrate",
+    "convert",
+    "export",
+    "load",
+    "load_source",
+    "prepare",
+    "quantize",
+    "save",
+]
+
+load = _io.load
+save = _io.save
+
+
+def export(source: str | os.PathLike | None = None, *, task: str = "auto", opset: int = 21):
+    """Export a Hugging Face model folder (or the default model) to an onnx-ir Model."""
+    from onnxq.export.hf import export_hf
+
+    return export_hf(source, task=task, opset=opset).model
+
+
+def _is_onnx_file(spec: str | os.PathLike | None) -> bool:
+    return spec is not None and str(spec).lower().endswith(".onnx")
+
+
+def load_source(
+    source: str | os.PathLike | ir.Model | None, *, task: str = "auto", opset: int = 21
+) -> tuple[ir.Model, pathlib.Path | None]:
+    """Load an ONNX file or export a HF model; returns the model and its tokenizer folder."""
+    if isinstance(source, ir.Model):
+        tok = source.metadata_props.get("onnxq.tokenizer")
+        return source, pathlib.Path(tok) if tok else None
+    if _is_onnx_file(source):
+        model = _io.load(source)
+        tok = model.metadata_props.get("onnxq.tokenizer")
+        folder = pathlib.Path(source).parent
+        if (folder / "tokenizer.json").is_file():
+            return model, folder
+        return model, pathlib.Path(tok) if tok and pathlib.Path(tok).exists() else None
+    from onnxq.export.hf import export_hf
+
+    result = export_hf(source, task=task, opset=opset)
+    return result.model, result.source
+
+
+def prepare(model: ir.Model) -> ir.Model:
+    """Canonicalize ``model`` in place (constant folding, LayerNorm/GELU fusion, Gemm→MatMul)."""
+    from onnxq.passes.canonicalize import CanonicalizePass
+
+    CanonicalizePass()(model)
+    return model
+
+
+def calibrate(
+    model: ir.Model,
+    data: Any = None,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    recipe: Recipe | None = None,
+    tensors: Sequence[str] | None = None,
+    sample_rows: int = 0,
+    progress: Progress | None = None,
+) -> Stats:
+    """Calibrate ``model`` on ``data`` (a path, ``None`` for the default text, or feeds)."""
+    recipe = recipe or Recipe()
+    progress = progress or Progress(0)
+    if data is None or isinstance(data, (str, os.PathLike)):
+        data = _data.load_calibration(
+            data,
+            _data.input_specs(model),
+            tokenizer=tokenizer,
+            samples=recipe.samples,
+            batch_size=recipe.batch_size,
+            seq_len=recipe.seq_len,
+        )
+    total = getattr(data, "num_samples", None)
+    with progress.bar("calibrating", total) as update:
+        return _calibrate(model, data, tensors=tensors, sample_rows=sample_rows, progress=update)
+
+
+def quantize(model: ir.Model, stats: Stats, *, recipe: Recipe | None = None):
+    """Insert Q/DQ into ``model`` (in place) for ``recipe.target`` from ``stats``."""
+    from onnxq.passes.insert_qdq import InsertQDQPass
+
+    recipe = recipe or Recipe()
+    return InsertQDQPass(
+        stats=stats,
+        target=get_target(recipe.target),
+        method=recipe.method,
+        keep_fp=recipe.keep_fp,
+        quantize_attention=recipe.quantize_attention,
+    )(model)
+
+
+@dataclasses.dataclass
+class ConvertResult:
+    """What :func:`convert` produced."""
+
+    model: ir.Model
+    output: pathlib.Path | None
+    fidelity: Fidelity | None
+    report: dict[str, Any]
+
+
+def _split_data(
+    model: ir.Model,
+    calib: str | os.PathLike | None,
+    tokenizer: pathlib.Path | None,
+    recipe: Recipe,
+):
+    """Calibration data and disjoint held-out validation data."""
+    specs = _data.input_specs(model)
+    if calib is None:
+        cal = _data.load_calibration(
+            None, specs, tokenizer=tokenizer, samples=recipe.samples,
+            batch_size=recipe.batch_size, seq_len=recipe.seq_len, split="calib",
+        )
+        val = None
+        if recipe.validate_samples:
+            val = _data.load_calibration(
+                None, specs, tokenizer=tokenizer, samples=recipe.validate_samples,
+                batch_size=recipe.batch_size, seq_len=recipe.seq_len, split="heldout",
+            )
+        return cal, val
+    return _data.split_calibration(
+        calib, specs, tokenizer=tokenizer, samples=recipe.samples,
+        validate_samples=recipe.validate_samples, batch_size=recipe.batch_size,
+        seq_len=recipe.seq_len,
+    )
+
+
+def convert(
+    source: str | os.PathLike | ir.Model | None = None,
+    output: str | os.PathLike | None = None,
+    *,
+    recipe: Recipe | None = None,
+    calib: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    stats: Stats | None = None,
+    progress: Progress | None = None,
+    task: str = "auto",
+) -> ConvertResult:
+    """Convert a model to a static INT8 QDQ graph; see the module docstring for the steps.
+
+    Args:
+        source: ONNX file, HF folder / package name, an onnx-ir Model, or None for the
+            default model (all-MiniLM-L6-v2).
+        output: where to write the INT8 model (and ``.report.json`` / ``.report.md``).
+            ``None`` keeps everything in memory.
+        recipe: what to do; defaults to :class:`~onnxq.recipe.Recipe()`.
+        calib: calibration data file (.txt, .jsonl, .npz); None = embedded default text.
+        tokenizer: folder or tokenizer.json for text calibration of ONNX inputs.
+        stats: precomputed statistics (from ``onnxq calibrate``) to skip calibration.
+        progress: stage timing / progress display.
+    """
+    from onnxq.eval.report import build_report, write_reports
+    from onnxq.pipeline import apply_outlier_passes
+
+    recipe = recipe or Recipe()
+    progress = progress or Progress(0)
+    target = get_target(recipe.target)
+    with progress.stage("load/export"):
+        model, tok_dir = load_source(source, task=task, opset=recipe.opset)
+    tok = pathlib.Path(tokenizer) if tokenizer else tok_dir
+    with progress.stage("canonicalize"):
+        prepare(model)
+    fp32_bytes = ir.serde.serialize_model(_materialized(model)).SerializeToString()
+    cal_data, val_data = _split_data(model, calib, tok, recipe)
+
+    with progress.stage("outlier passes"):
+        outlier_report = apply_outlier_passes(model, cal_data, recipe, progress=progress)
+    if stats is None:
+        with progress.stage("calibrate"):
+            stats = calibrate(model, cal_data, recipe=recipe, progress=progress)
+    with progress.stage("quantize"):
+        qres = quantize(model, stats, recipe=recipe)
+    fid = None
+    if val_data is not None:
+        with progress.stage("validate"):
+            fid = validate(fp32_bytes, model, val_data, progress=progress)
+    report = build_report(
+        model=model, recipe=recipe, target=target, qdq=qres, fidelity=fid,
+        outliers=outlier_report, timings=progress.timings, stats=stats,
+        source=str(source) if source is not None and not isinstance(source, ir.Model) else
+        "all-MiniLM-L6-v2 (default)" if source is None else "in-memory model",
+    )
+    out_path = None
+    if output is not None:
+        out_path = pathlib.Path(output)
+        with progress.stage("save"):
+            _io.save(model, out_path)
+            report["output"] = _io_sizes(out_path)
+            write_reports(report, out_path)
+    return ConvertResult(model=model, output=out_path, fidelity=fid, report=report)
+
+
+def _materialized(model: ir.Model) -> ir.Model:
+    ir.external_data.load_to_model(model)
+    return model
+
+
+def _io_sizes(path: pathlib.Path) -> dict[str, Any]:
+    data = path.parent / f"{path.name}.data"
+    size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    return {"path": str(path), "bytes": size}
+
+
+def validate(fp32: bytes | ir.Model, model: ir.Model, data, *, progress: Progress | None = None):
+    """Fidelity of ``model`` against the FP32 graph on ``data`` (onnxruntime CPU, optimised)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if isinstance(fp32, ir.Model):
+        fp32 = ir.serde.serialize_model(fp32).SerializeToString()
+    ref_sess = ort.InferenceSession(fp32, opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in ref_sess.get_outputs()]
+    out = first_output(names)
+    batches = list(data)
+    ref, _ = collect_outputs(ref_sess, batches, out)
+    del ref_sess
+    with make_session(model, optimize=True) as sess:
+        test, _ = collect_outputs(sess, batches, out)
+    if not np.all(np.isfinite(test)):
+        raise OnnxqError("the quantized model produced NaN or Inf on the validation data")
+    return fidelity(ref, test, output=out)

@@ -1,0 +1,1 @@
+"""Calibration: feeding data through a model and collecting activation statistics."""

@@ -1,0 +1,1 @@
+"""Fidelity metrics, per-layer error and reports."""

@@ -1,0 +1,157 @@
+"""Loading and saving models: clear errors on bad files, atomic writes, external data.
+
+Every file onnxq writes goes through :func:`save`: the model (and its external
+data, if any) is written into a temporary directory beside the destination and
+then renamed into place, so an interrupted or failed run never leaves a
+partial output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import tempfile
+
+import onnx
+import onnx_ir as ir
+
+from onnxq.errors import ModelLoadError, OnnxqError
+
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "atomic_output", "load", "save", "total_initializer_bytes"]
+
+# Above this many bytes of initializers the model is saved with external data
+# (protobuf cannot serialise messages past 2 GiB; leave headroom for the graph).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX file into onnx-ir, checking it and its external data.
+
+    Raises:
+        ModelLoadError: the file is missing, truncated, not ONNX, or its
+            external data is missing or too short.
+    """
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"model file {p} does not exist")
+    if p.is_dir():
+        raise ModelLoadError(f"{p} is a folder, not an ONNX file")
+    if p.stat().st_size == 0:
+        raise ModelLoadError(f"model file {p} is empty")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise ModelLoadError(f"{p} is not a readable ONNX model ({type(exc).__name__})") from None
+    if not proto.graph.node and not proto.graph.output:
+        raise ModelLoadError(f"{p} is not a readable ONNX model (no graph)")
+    _check_external_data(proto, p.parent)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise ModelLoadError(f"{p} holds an invalid ONNX graph: {exc}".splitlines()[0]) from None
+    ir.external_data.set_base_dir(model.graph, p.parent)
+    return model
+
+
+def _check_external_data(proto: onnx.ModelProto, base: pathlib.Path) -> None:
+    sizes: dict[str, int] = {}
+    for tensor in _all_tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if not location or not target.is_file():
+            raise ModelLoadError(
+                f"external data {location!r} of tensor {tensor.name!r} not found next to the model"
+            )
+        size = sizes.setdefault(location, target.stat().st_size)
+        offset = int(info.get("offset", 0) or 0)
+        length = int(info.get("length", 0) or 0)
+        if offset + length > size:
+            raise ModelLoadError(
+                f"external data {location!r} is truncated (tensor {tensor.name!r} needs "
+                f"{offset + length} bytes, file has {size})"
+            )
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_tensors(g)
+
+
+def total_initializer_bytes(model: ir.Model) -> int:
+    """Bytes held by the model's initializers (external ones included)."""
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += tensor.nbytes
+    return total
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike):
+    """Yield a temporary directory; files in it are moved next to ``path`` on success.
+
+    The caller writes ``tmpdir / path.name`` (and any sidecar files); on a clean
+    exit every file in the directory is renamed into ``path``'s folder, the main
+    file last. On an exception nothing is moved and the temporary directory is
+    removed.
+    """
+    dest = pathlib.Path(path)
+    parent = dest.parent if str(dest.parent) else pathlib.Path(".")
+    if not parent.is_dir():
+        raise OnnxqError(f"output folder {parent} does not exist")
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=parent))
+    try:
+        yield tmp
+        produced = sorted(tmp.iterdir(), key=lambda f: f.name == dest.name)
+        for f in produced:
+            os.replace(f, parent / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
+    """Save ``model`` to ``path`` atomically.
+
+    Args:
+        model: the model to write.
+        path: destination ``.onnx`` file.
+        external_data: write initializers to ``<name>.data`` beside the file. ``None``
+            chooses automatically: external data when the weights exceed
+            :data:`EXTERNAL_DATA_THRESHOLD`.
+    """
+    dest = pathlib.Path(path)
+    if external_data is None:
+        external_data = total_initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    with atomic_output(dest) as tmp:
+        target = tmp / dest.name
+        if external_data:
+            ir.save(model, target, external_data=f"{dest.name}.data", size_threshold_bytes=1024)
+        else:
+            _save_inline(model, target)
+    # A stale sidecar from an earlier external-data save would confuse users.
+    stale = dest.parent / f"{dest.name}.data"
+    if not external_data and stale.exists():
+        stale.unlink()
+
+
+def _save_inline(model: ir.Model, target: pathlib.Path) -> None:
+    # Tensors still backed by another file's external data are read into memory
+    # so the written file stands alone.
+    ir.external_data.load_to_model(model)
+    proto = ir.serde.serialize_model(model)
+    with open(target, "wb") as f:
+        f.write(proto.SerializeToString(deterministic=True))

@@ -1,0 +1,278 @@
+"""Insert QuantizeLinear/DequantizeLinear pairs for a target profile (static W8A8).
+
+For every selected linear layer ``y = x @ W (+ b)``:
+
+* the activation ``x`` gets ``x -> QuantizeLinear(s_x, z_x) -> DequantizeLinear``
+  with a per-tensor scale from the calibration statistics (asymmetric uint8 for
+  onnxruntime CPU, symmetric int8 with a zero point of 0 for TensorRT/Jetson);
+* the weight is stored as an int8 initializer ``W_q = round(W / s_w)`` with a
+  per-output-channel scale ``s_w[n] = max_k |W[k, n]| / 127`` (``axis=1`` of the
+  ``[K, N]`` MatMul weight) and read through ``DequantizeLinear``.
+
+Attention MatMuls (Q·Kᵀ and P·V) get per-tensor Q/DQ on both inputs when the
+target quantizes them. LayerNorm, Softmax inputs, GELU and the attention-mask
+Add are never wrapped: the mask holds float32-min values that destroy any
+per-tensor grid (see ``deploy-rules.md`` B4).
+
+The pass reads only a :class:`~onnxq.calibration.stats.Stats` object and refuses
+statistics computed on another graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+from collections.abc import Collection, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.calibration.observers import qparams
+from onnxq.calibration.stats import Stats, graph_fingerprint
+from onnxq.errors import OnnxqError, StatsMismatchError
+from onnxq.passes._patterns import (
+    const_array,
+    find_attention_matmuls,
+    find_linears,
+    module_of,
+)
+from onnxq.targets.profiles import TargetProfile
+
+__all__ = ["InsertQDQPass", "QDQResult", "QuantizedTensor", "quantize_weight_per_channel"]
+
+logger = logging.getLogger(__name__)
+
+PASS_TAG = "InsertQDQPass"
+
+
+@dataclasses.dataclass
+class QuantizedTensor:
+    """One activation that received a Q/DQ pair (for the report)."""
+
+    name: str
+    module: str
+    kind: str  # "linear-input", "attention-qk", "attention-pv"
+    scale: float
+    zero_point: int
+    range: tuple[float, float]
+    method: str
+
+
+@dataclasses.dataclass
+class QDQResult(ir.passes.PassResult):
+    activations: list[QuantizedTensor] = dataclasses.field(default_factory=list)
+    weights: list[str] = dataclasses.field(default_factory=list)
+    kept_fp: list[str] = dataclasses.field(default_factory=list)
+
+
+def quantize_weight_per_channel(w: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel quantization of a ``[K, N]`` weight.
+
+    Returns ``(w_q int8 [K, N], scale float32 [N])`` with ``w ≈ w_q * scale``.
+    All-zero columns get the smallest positive float32 scale (TensorRT rejects
+    zero scales).
+    """
+    qmax = 2 ** (bits - 1) - 1
+    amax = np.abs(w).max(axis=0).astype(np.float64)
+    scale = np.maximum(amax / qmax, np.finfo(np.float32).tiny).astype(np.float32)
+    w_q = np.clip(np.rint(w.astype(np.float64) / scale.astype(np.float64)), -qmax, qmax)
+    return w_q.astype(np.int8), scale
+
+
+def _matches(patterns: Collection[str], *names: str) -> bool:
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
+
+
+class _Namer:
+    def __init__(self, graph: ir.Graph) -> None:
+        self.used = {v.name for v in graph.initializers.values()}
+        self.used.update(v.name for v in graph.inputs)
+        for node in graph:
+            self.used.update(o.name for o in node.outputs if o.name)
+            if node.name:
+                self.used.add(node.name)
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used:
+            name = f"{base}_{i}"
+            i += 1
+        self.used.add(name)
+        return name
+
+
+class InsertQDQPass(ir.passes.InPlacePass):
+    """Insert Q/DQ around linear-layer and attention MatMuls for ``target``.
+
+    Args:
+        stats: calibration statistics of exactly this graph.
+        target: the deployment profile (activation dtype, symmetry, attention).
+        method: range estimator for activations ("minmax", "percentile", "entropy", "mse").
+        methods: per-tensor overrides of ``method`` (value name -> method).
+        keep_fp: module paths or value names (glob patterns allowed) whose linear
+            layers stay in floating point.
+        quantize_attention: override ``target.quantize_attention_matmuls``.
+    """
+
+    def __init__(
+        self,
+        *,
+        stats: Stats,
+        target: TargetProfile,
+        method: str = "minmax",
+        methods: Mapping[str, str] | None = None,
+        keep_fp: Collection[str] = (),
+        quantize_attention: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.stats = stats
+        self.target = target
+        self.method = method
+        self.methods = dict(methods or {})
+        self.keep_fp = tuple(keep_fp)
+        self.quantize_attention = (
+            target.quantize_attention_matmuls if quantize_attention is None else quantize_attention
+        )
+
+    def requires(self, model: ir.Model) -> None:
+        fp = graph_fingerprint(model)
+        if fp != self.stats.fingerprint:
+            raise StatsMismatchError(
+                "statistics were computed on a different graph "
+                f"(fingerprint {self.stats.fingerprint[:12]} != {fp[:12]}); recalibrate"
+            )
+
+    def call(self, model: ir.Model) -> QDQResult:
+        graph = model.graph
+        namer = _Namer(graph)
+        result = QDQResult(model, False)
+        act_dq: dict[int, ir.Value] = {}
+        weight_dq: dict[int, ir.Value] = {}
+
+        jobs: list[tuple[ir.Node, int, str]] = []  # (consumer, input index, kind)
+        for unit in find_linears(graph):
+            if _matches(self.keep_fp, unit.module, unit.matmul.name or "", unit.weight.name or ""):
+                result.kept_fp.append(unit.module or unit.matmul.name or "")
+                continue
+            jobs.append((unit.matmul, 0, "linear-input"))
+            jobs.append((unit.matmul, 1, "weight"))
+        if self.quantize_attention:
+            for att in find_attention_matmuls(graph):
+                if _matches(self.keep_fp, att.module, att.node.name or ""):
+                    result.kept_fp.append(att.module or att.node.name or "")
+                    continue
+                jobs.append((att.node, 0, f"attention-{att.kind}"))
+                jobs.append((att.node, 1, f"attention-{att.kind}"))
+
+        for consumer, idx, kind in jobs:
+            value = consumer.inputs[idx]
+            if kind == "weight":
+                dq = weight_dq.get(id(value))
+                if dq is None:
+                    dq = self._quantize_weight(graph, consumer, value, namer)
+                    weight_dq[id(value)] = dq
+                    result.weights.append(value.name or "")
+            else:
+                dq = act_dq.get(id(value))
+                if dq is None:
+                    dq, record = self._quantize_activation(graph, consumer, value, kind, namer)
+                    act_dq[id(value)] = dq
+                    result.activations.append(record)
+            consumer.replace_input_with(idx, dq)
+            result.modified = True
+
+        # Float weights that no longer have users are dropped.
+        for name, value in list(graph.initializers.items()):
+            if not value.uses() and not value.is_graph_output() and id(value) in weight_dq:
+                del graph.initializers[name]
+        if result.modified:
+            graph.sort()
+        logger.info(
+            "Inserted Q/DQ on %s activations and %s weights", len(act_dq), len(weight_dq)
+        )
+        return result
+
+    def ensures(self, model: ir.Model) -> None:
+        for node in model.graph:
+            if node.op_type == "QuantizeLinear" and node.metadata_props.get("onnxq.pass") == PASS_TAG:
+                scale = const_array(node.inputs[1])
+                if scale is None or not np.all(scale > 0):
+                    raise OnnxqError(f"non-positive scale inserted at {node.name}")
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _quantize_activation(
+        self, graph: ir.Graph, consumer: ir.Node, value: ir.Value, kind: str, namer: _Namer
+    ) -> tuple[ir.Value, QuantizedTensor]:
+        name = value.name or namer("activation")
+        if name not in self.stats:
+            raise OnnxqError(
+                f"no calibration statistics for tensor {name!r} "
+                f"(input of {module_of(consumer)}); recalibrate"
+            )
+        method = self.methods.get(name, self.method)
+        lo, hi = self.stats.range(name, method)
+        scale, zp = qparams(
+            lo, hi, dtype=self.target.activation_dtype, symmetric=self.target.activation_symmetric
+        )
+        np_dtype = np.int8 if self.target.activation_dtype == "int8" else np.uint8
+        s_val = _initializer(graph, namer(f"{name}_scale"), np.array(scale, dtype=np.float32))
+        z_val = _initializer(graph, namer(f"{name}_zero_point"), np.array(zp, dtype=np_dtype))
+        meta = {"onnxq.pass": PASS_TAG, "onnxq.module": module_of(consumer)}
+        q_out = ir.Value(name=namer(f"{name}_quantized"))
+        q = ir.node(
+            "QuantizeLinear", [value, s_val, z_val], outputs=[q_out],
+            name=namer(f"{name}_QuantizeLinear"), metadata_props=dict(meta),
+        )
+        dq_out = ir.Value(name=namer(f"{name}_dequantized"))
+        dq = ir.node(
+            "DequantizeLinear", [q_out, s_val, z_val], outputs=[dq_out],
+            name=namer(f"{name}_DequantizeLinear"), metadata_props=dict(meta),
+        )
+        q_out.dtype = ir.DataType.INT8 if np_dtype is np.int8 else ir.DataType.UINT8
+        q_out.shape = value.shape
+        dq_out.dtype = value.dtype or ir.DataType.FLOAT
+        dq_out.shape = value.shape
+        graph.insert_before(consumer, [q, dq])
+        record = QuantizedTensor(
+            name=name, module=module_of(consumer), kind=kind, scale=scale, zero_point=zp,
+            range=(float(lo), float(hi)), method=method,
+        )
+        return dq_out, record
+
+    def _quantize_weight(
+        self, graph: ir.Graph, consumer: ir.Node, value: ir.Value, namer: _Namer
+    ) -> ir.Value:
+        w = const_array(value)
+        assert w is not None
+        name = value.name or namer("weight")
+        w_q, scale = quantize_weight_per_channel(w.astype(np.float32))
+        if not self.target.weight_per_channel:
+            scale = np.array(scale.max(), dtype=np.float32)
+            w_q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        q_val = _initializer(graph, namer(f"{name}_quantized"), w_q)
+        s_val = _initializer(graph, namer(f"{name}_scale"), scale)
+        z_val = _initializer(graph, namer(f"{name}_zero_point"), np.zeros(scale.shape, np.int8))
+        attrs = {"axis": 1} if scale.ndim == 1 else {}
+        dq_out = ir.Value(name=namer(f"{name}_dequantized"))
+        dq = ir.node(
+            "DequantizeLinear", [q_val, s_val, z_val], attributes=attrs, outputs=[dq_out],
+            name=namer(f"{name}_DequantizeLinear"),
+            metadata_props={"onnxq.pass": PASS_TAG, "onnxq.module": module_of(consumer)},
+        )
+        dq_out.dtype = ir.DataType.FLOAT
+        dq_out.shape = ir.Shape(list(w.shape))
+        graph.insert_before(consumer, [dq])
+        return dq_out
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(list(array.shape)),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value

@@ -1,0 +1,121 @@
+"""Recipes: the frozen configuration of one conversion, readable from TOML.
+
+A recipe says *what* to do (target, observers, which outlier methods, which
+layers stay in floating point); :mod:`onnxq.pipeline` turns it into the ordered
+list of passes.
+
+Example ``recipe.toml``::
+
+    target = "tensorrt"
+    method = "percentile"
+    samples = 256
+    keep_fp = ["encoder.layer.5.output.dense"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+from onnxq.calibration.observers import OBSERVER_METHODS
+from onnxq.errors import OnnxqError
+from onnxq.targets.profiles import TARGETS
+
+__all__ = ["OUTLIER_METHODS", "Recipe", "load_recipe"]
+
+# "auto" picks per site from the calibration statistics.
+OUTLIER_METHODS = ("none", "auto", "smoothquant", "osplus", "osplus-shift", "peg")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Configuration of a conversion.
+
+    Attributes:
+        target: deployment profile: "ort-cpu", "tensorrt" or "jetson".
+        method: activation range estimator: minmax, percentile, entropy or mse.
+        samples: calibration samples to use (``None`` = all).
+        batch_size: calibration batch size.
+        seq_len: maximum tokens per text sample.
+        keep_fp: module paths or tensor names (globs) left in floating point.
+        quantize_attention: quantize Q·Kᵀ and P·V (``None`` = the target's default).
+        outliers: outlier method(s) applied before calibration.
+        validate_samples: held-out samples used to measure fidelity.
+        opset: opset for exports.
+    """
+
+    target: str = "tensorrt"
+    method: str = "percentile"
+    samples: int | None = 256
+    batch_size: int = 32
+    seq_len: int = 128
+    keep_fp: tuple[str, ...] = ()
+    quantize_attention: bool | None = None
+    outliers: tuple[str, ...] = ("none",)
+    validate_samples: int = 256
+    opset: int = 21
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise OnnxqError(
+                f"unknown target {self.target!r}; choose one of: {', '.join(sorted(TARGETS))}"
+            )
+        if self.method not in OBSERVER_METHODS:
+            raise OnnxqError(
+                f"unknown calibration method {self.method!r}; choose one of: "
+                f"{', '.join(OBSERVER_METHODS)}"
+            )
+        for m in self.outliers:
+            if m not in OUTLIER_METHODS:
+                raise OnnxqError(
+                    f"unknown outlier method {m!r}; choose from: {', '.join(OUTLIER_METHODS)}"
+                )
+        if self.samples is not None and self.samples <= 0:
+            raise OnnxqError("samples must be a positive number")
+        if self.batch_size <= 0 or self.seq_len <= 0 or self.validate_samples < 0:
+            raise OnnxqError("batch size, sequence length and validate samples must be positive")
+
+    def replace(self, **changes: Any) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
+
+
+def recipe_from_mapping(data: Mapping[str, Any], *, source: str = "recipe") -> Recipe:
+    """Build a Recipe from a mapping, rejecting unknown keys and wrong types."""
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in _FIELDS:
+            raise OnnxqError(f"{source}: unknown key {key!r}; known keys: {', '.join(_FIELDS)}")
+        if key in ("keep_fp", "outliers"):
+            if isinstance(value, str):
+                value = (value,)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise OnnxqError(f"{source}: {key} must be a list of strings")
+            value = tuple(value)
+        elif key in ("samples", "batch_size", "seq_len", "validate_samples", "opset"):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise OnnxqError(f"{source}: {key} must be an integer")
+        elif key == "quantize_attention":
+            if not isinstance(value, bool):
+                raise OnnxqError(f"{source}: {key} must be true or false")
+        elif not isinstance(value, str):
+            raise OnnxqError(f"{source}: {key} must be a string")
+        kwargs[key] = value
+    return Recipe(**kwargs)
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read a TOML recipe file; one-line errors for unreadable or invalid files."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise OnnxqError(f"recipe file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise OnnxqError(f"recipe file {path} is not valid TOML: {exc}".splitlines()[0]) from None
+    return recipe_from_mapping(data, source=str(path))
