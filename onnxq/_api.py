@@ -116,7 +116,10 @@ def quantize(model: ir.Model, stats: Stats, *, recipe: Recipe | None = None):
     """Insert Q/DQ into ``model`` (in place) for ``recipe.target`` from ``stats``."""
     from onnxq.passes.insert_qdq import InsertQDQPass
 
+    from onnxq.calibration.stats import graph_fingerprint
+
     recipe = recipe or Recipe()
+    stats.check_fingerprint(graph_fingerprint(model))
     return InsertQDQPass(
         stats=stats,
         target=get_target(recipe.target),

@@ -222,6 +222,18 @@ def _on_signal(signum, frame):  # pragma: no cover - exercised by subprocess tes
     raise KeyboardInterrupt
 
 
+def _user_error_in_chain(exc: BaseException) -> OnnxqError | None:
+    """Pass infrastructure wraps errors (PreconditionError); find the user error inside."""
+    seen = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OnnxqError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``onnxq`` console script."""
     signal.signal(signal.SIGTERM, _on_signal)
@@ -245,6 +257,11 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - last line of defence
         if _DEBUG:
             raise
+        user = _user_error_in_chain(exc)
+        if user is not None:
+            msg = str(user).splitlines()[0] if str(user) else type(user).__name__
+            click.echo(f"onnxq: error: {msg}", err=True)
+            sys.exit(2)
         msg = str(exc).splitlines()[0] if str(exc) else ""
         click.echo(f"onnxq: internal error: {type(exc).__name__}: {msg} (rerun with --debug)",
                    err=True)
