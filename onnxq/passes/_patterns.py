@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.passes._ir_utils import const_array
+
 __all__ = [
     "AttentionMatMul",
     "LinearUnit",
@@ -33,22 +35,9 @@ __all__ = [
 _PASS_THROUGH = {"Where", "Cast", "Mul", "Div", "Add", "Identity", "Reshape", "Transpose"}
 
 
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The constant numpy value of ``value`` (initializer or Constant node), else None."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and producer.domain == "":
-        attr = producer.attributes.get("value")
-        if attr is not None:
-            return attr.as_tensor().numpy()
-    return None
-
-
 def is_const(value: ir.Value | None) -> bool:
-    if value is None:
+    """True if ``value`` is a constant (initializer or Constant node output)."""
+    if value is None or value.is_graph_input():
         return False
     if value.const_value is not None:
         return True

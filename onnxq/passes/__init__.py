@@ -1,0 +1,29 @@
+"""onnxq's graph passes, each an ``onnx_ir.passes.InPlacePass``.
+
+Compose them in your own export script::
+
+    import onnx_ir as ir
+    from onnxq.passes import CanonicalizePass, InsertQDQPass
+
+    model = ir.load("model.onnx")
+    CanonicalizePass()(model)
+"""
+
+from __future__ import annotations
+
+from onnxq.passes.canonicalize import CanonicalizePass, canonicalize
+from onnxq.passes.fold_constants import FoldConstantsPass
+from onnxq.passes.fuse_gelu import FuseGeluPass
+from onnxq.passes.fuse_layer_norm import FuseLayerNormPass
+from onnxq.passes.gemm_to_matmul import GemmToMatMulPass
+from onnxq.passes.insert_qdq import InsertQDQPass
+
+__all__ = [
+    "CanonicalizePass",
+    "FoldConstantsPass",
+    "FuseGeluPass",
+    "FuseLayerNormPass",
+    "GemmToMatMulPass",
+    "InsertQDQPass",
+    "canonicalize",
+]
