@@ -147,6 +147,10 @@ def calibrate(
     observers = {n: TensorObserver(bins=bins, sample_rows=rows_for(n), seed=i)
                  for i, n in enumerate(names)}
     modules = {n: _consumer_module(values[n]) for n in names}
+    # Per-channel statistics only where the last axis is a fixed feature axis; a
+    # dynamic last axis (K transposed for Q.K^T, attention probabilities) is
+    # observed per tensor.
+    per_channel = {n: _static_last_dim(values[n]) for n in names}
     input_names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
     samples = 0
     with make_session(clone) as sess:
@@ -165,8 +169,11 @@ def calibrate(
                 raise CalibrationDataError(f"calibration batch does not fit the model: {msg}")
             mask = feed.get("attention_mask")
             for n, arr in zip(names, outs):
+                row_mask = _row_mask(arr, mask) if per_channel[n] else None
+                if not per_channel[n]:
+                    arr = arr.reshape(-1, 1)
                 try:
-                    observers[n].update(arr, _row_mask(arr, mask))
+                    observers[n].update(arr, row_mask)
                 except ValueError as exc:
                     where = f" ({modules[n]})" if modules[n] else ""
                     raise CalibrationDataError(
@@ -192,6 +199,11 @@ def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
             if o.name:
                 out[o.name] = o
     return out
+
+
+def _static_last_dim(value: ir.Value) -> bool:
+    shape = value.shape
+    return shape is not None and len(shape) >= 2 and isinstance(shape[-1], int)
 
 
 def _consumer_module(value: ir.Value) -> str:
