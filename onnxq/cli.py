@@ -213,6 +213,32 @@ def lint(model, target, as_json, debug) -> None:
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--batch", type=int, default=32, show_default=True, help="Samples per run.")
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sample.")
+@click.option("--threads", type=int, default=0,
+              help="Intra-op threads (default 0: onnxruntime's default, all cores).")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed rounds.")
+@click.option("--repeat", type=int, default=10, show_default=True, help="Timed rounds.")
+@click.option("--seconds", type=float, default=None,
+              help="Time budget instead of --repeat: run rounds until it is spent.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@click.option("--debug", is_flag=True)
+def bench(models, batch, seq_len, threads, warmup, repeat, seconds, as_json, debug) -> None:
+    """Time MODELS interleaved on onnxruntime CPU; speed ratios against the first."""
+    _set_debug({"debug": debug})
+    from onnxq.eval.bench import bench as run_bench
+    from onnxq.eval.bench import format_table
+
+    results = run_bench(list(models), batch=batch, seq_len=seq_len, threads=threads,
+                        warmup=warmup, repeat=repeat, seconds=seconds)
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        click.echo(format_table(results))
+
+
 def _set_debug(opts: dict[str, Any]) -> None:
     global _DEBUG
     _DEBUG = bool(opts.get("debug"))

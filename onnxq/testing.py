@@ -120,8 +120,9 @@ def encoder_block_model(
 
     nodes: list[ir.Node] = []
 
-    def add(op, inputs, name, attrs=None, module=""):
-        out = ir.Value(name=name)
+    def add(op, inputs, name, attrs=None, module="", width=hidden):
+        out = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT),
+                       shape=ir.Shape(["batch", "seq", width]))
         nodes.append(ir.node(op, inputs, attrs, outputs=[out], name=f"node_{name}",
                              metadata_props={"onnxq.module": module} if module else None))
         return out
@@ -135,9 +136,9 @@ def encoder_block_model(
                    {"axis": -1, "epsilon": 1e-5}, module=name)
 
     h = norm(x, "ln1", gamma, beta)
-    m1 = add("MatMul", [h, const("fc1.weight", w1)], "fc1_mm", module="fc1")
-    a1 = add("Add", [m1, const("fc1.bias", b1)], "fc1_out") if bias else m1
-    g = add("Gelu", [a1], "gelu")
+    m1 = add("MatMul", [h, const("fc1.weight", w1)], "fc1_mm", module="fc1", width=ffn)
+    a1 = add("Add", [m1, const("fc1.bias", b1)], "fc1_out", width=ffn) if bias else m1
+    g = add("Gelu", [a1], "gelu", width=ffn)
     m2 = add("MatMul", [g, const("fc2.weight", w2)], "fc2_mm", module="fc2")
     a2 = add("Add", [m2, const("fc2.bias", b2)], "fc2_out") if bias else m2
     if post_ln:

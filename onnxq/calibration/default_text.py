@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ast
 import importlib
+import importlib.util
 import inspect
 import random
 import re
@@ -64,31 +66,30 @@ def _sha1(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
-def _module_docstrings(module: types.ModuleType) -> Iterator[str]:
-    """Yield the docstrings of a module, its functions, classes and methods."""
-    doc = inspect.getdoc(module)
-    if doc:
-        yield doc
-    try:
-        members = inspect.getmembers(module)
-    except Exception:  # pragma: no cover - defensive: odd module attributes
-        return
-    for _, member in members:
-        if not (inspect.isclass(member) or inspect.isroutine(member)):
-            continue
-        doc = inspect.getdoc(member)
-        if doc:
-            yield doc
-        if inspect.isclass(member):
-            try:
-                methods = inspect.getmembers(member, inspect.isroutine)
-            except Exception:  # pragma: no cover - defensive: broken descriptors
-                continue
-            for _, method in methods:
-                doc = inspect.getdoc(method)
-                if doc:
-                    yield doc
+def _module_docstrings(name: str) -> Iterator[str]:
+    """Yield the docstrings of a stdlib module's source: module, classes, functions, methods.
 
+    The source file is parsed with :mod:`ast` rather than imported and inspected, so
+    the text does not depend on what other libraries imported or patched before.
+    """
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return
+    origin = getattr(spec, "origin", None) if spec is not None else None
+    if not origin or not origin.endswith(".py"):
+        return
+    try:
+        with open(origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return
+    nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    for node in ast.walk(tree):
+        if isinstance(node, nodes):
+            doc = ast.get_docstring(node)
+            if doc:
+                yield doc
 
 def _paragraphs(doc: str) -> Iterator[str]:
     """Split a docstring into prose paragraphs, dropping code-like blocks."""
@@ -136,11 +137,7 @@ def docstring_sentences() -> tuple[str, ...]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. typing.io deprecation when its docs are read
         for name in STDLIB_MODULES:
-            try:
-                module = importlib.import_module(name)
-            except Exception:
-                continue  # e.g. turtle without tkinter
-            found |= _sentences(_module_docstrings(module))
+            found |= _sentences(_module_docstrings(name))
     return tuple(sorted(found, key=lambda s: (_sha1(s), s)))
 
 

@@ -99,16 +99,6 @@ def mark_folded(node: ir.Node, pass_name: str) -> None:
     node.metadata_props[FOLDED_KEY] = pass_name
 
 
-def _vec(name: str, a: np.ndarray | float, channels: int) -> np.ndarray:
-    arr = np.asarray(a, dtype=np.float64)
-    if arr.ndim == 0:
-        arr = np.full(channels, float(arr))
-    arr = arr.reshape(-1)
-    if arr.size != channels:
-        raise ValueError(f"{name} has {arr.size} entries, expected {channels}")
-    return arr
-
-
 def _is_zero(z: np.ndarray | None) -> bool:
     return z is None or not np.any(np.asarray(z))
 

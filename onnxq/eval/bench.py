@@ -1,0 +1,237 @@
+"""Latency and throughput of ONNX graphs on onnxruntime CPU, measured side by side.
+
+Timings on shared or small machines drift (frequency scaling, noisy neighbours,
+thermal state), so comparing two graphs measured minutes apart says little.
+:func:`bench` therefore runs all graphs **interleaved** in one process:
+every repetition runs each model once (round-robin, with the starting model
+rotated each round), so drift hits all of them alike, and reports each
+model's speed as a ratio against the FIRST model::
+
+    from onnxq.eval.bench import bench, format_table
+    results = bench(["fp32.onnx", "int8.onnx"], batch=32, seq_len=128)
+    print(format_table(results))
+
+Inputs are synthesized from each graph's declared inputs with a fixed seed:
+integer ids uniform in ``[0, 1000)``, ``attention_mask`` ones,
+``token_type_ids`` zeros, float inputs standard normal. The first dynamic
+dimension is the batch, every other dynamic dimension is ``seq_len``.
+Sessions use ``ORT_ENABLE_ALL`` (so Q/DQ fusions happen, as in deployment).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from onnxq.errors import ModelLoadError, OnnxqError
+
+__all__ = ["BenchResult", "bench", "format_table", "synth_feeds"]
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclasses.dataclass
+class BenchResult:
+    """Timings of one graph (all times in milliseconds, per batch)."""
+
+    path: str
+    batch: int
+    seq_len: int
+    threads: int
+    runs: int
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    throughput: float
+    """Samples per second at the median latency (``batch / median``)."""
+    speedup: float
+    """``first_median / this_median``: above 1 means faster than the first model."""
+    latencies_ms: list[float] = dataclasses.field(default_factory=list, repr=False)
+
+    def as_dict(self, *, with_latencies: bool = False) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if not with_latencies:
+            d.pop("latencies_ms")
+        return d
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[:1]) if text else type(exc).__name__
+
+
+def _check_path(path: str | os.PathLike) -> pathlib.Path:
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"model file {p} does not exist")
+    if p.is_dir():
+        raise ModelLoadError(f"{p} is a folder, not an ONNX file")
+    if p.stat().st_size == 0:
+        raise ModelLoadError(f"model file {p} is empty")
+    return p
+
+
+def _session(path: pathlib.Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    opts.inter_op_num_threads = 1
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises Fail/InvalidProtobuf/... with long texts
+        raise ModelLoadError(f"onnxruntime cannot load {path}: {_one_line(exc)}") from None
+
+
+def synth_feeds(session, *, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for every input of an onnxruntime ``session`` (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for inp in session.get_inputs():
+        dtype = _ORT_TYPES.get(inp.type)
+        if dtype is None:
+            raise OnnxqError(f"cannot synthesize input {inp.name!r} of type {inp.type}")
+        dims = []
+        for i, d in enumerate(inp.shape or []):
+            if isinstance(d, int) and d > 0:
+                dims.append(d)
+            else:
+                dims.append(batch if i == 0 else seq_len)
+        name = inp.name.lower()
+        if name == "attention_mask" or name.endswith("attention_mask"):
+            arr = np.ones(dims, dtype=dtype)
+        elif "token_type" in name:
+            arr = np.zeros(dims, dtype=dtype)
+        elif np.issubdtype(dtype, np.integer):
+            arr = rng.integers(0, 1000, size=dims).astype(dtype)
+        elif dtype is np.bool_:
+            arr = np.ones(dims, dtype=dtype)
+        else:
+            arr = rng.standard_normal(dims).astype(dtype)
+        feeds[inp.name] = arr
+    return feeds
+
+
+def bench(
+    paths: Sequence[str | os.PathLike],
+    *,
+    batch: int = 32,
+    seq_len: int = 128,
+    threads: int = 0,
+    warmup: int = 3,
+    repeat: int = 10,
+    seconds: float | None = None,
+    seed: int = 0,
+) -> list[BenchResult]:
+    """Time ``paths`` interleaved on onnxruntime CPU; ratios are against ``paths[0]``.
+
+    Args:
+        paths: ONNX files; the first is the baseline.
+        batch: samples per run.
+        seq_len: tokens per sample (every dynamic dimension after the first).
+        threads: intra-op threads; 0 = onnxruntime's default (all physical cores).
+        warmup: untimed rounds before measuring.
+        repeat: timed rounds (each round runs every model once).
+        seconds: if given, keep running rounds until this much time has been spent
+            measuring (at least 2 rounds); ``repeat`` is then ignored.
+        seed: seed of the synthesized float inputs.
+
+    Raises:
+        OnnxqError: a path is missing or not loadable, or an option is out of range.
+    """
+    if not paths:
+        raise OnnxqError("bench needs at least one model")
+    if batch <= 0 or seq_len <= 0:
+        raise OnnxqError("batch and sequence length must be positive")
+    if threads < 0 or warmup < 0:
+        raise OnnxqError("threads and warmup must not be negative")
+    if seconds is None and repeat <= 0:
+        raise OnnxqError("repeat must be positive")
+    if seconds is not None and seconds <= 0:
+        raise OnnxqError("seconds must be positive")
+    checked = [_check_path(p) for p in paths]
+    sessions = [_session(p, threads) for p in checked]
+    feeds = []
+    outputs = []
+    for p, s in zip(checked, sessions):
+        f = synth_feeds(s, batch=batch, seq_len=seq_len, seed=seed)
+        try:
+            s.run(None, f)
+        except Exception as exc:
+            raise OnnxqError(f"onnxruntime cannot run {p} on batch {batch} x {seq_len}: "
+                             f"{_one_line(exc)}") from None
+        feeds.append(f)
+        outputs.append([o.name for o in s.get_outputs()])
+
+    n = len(sessions)
+    for _ in range(warmup):
+        for s, f, o in zip(sessions, feeds, outputs):
+            s.run(o, f)
+    times: list[list[float]] = [[] for _ in range(n)]
+    rounds = 0
+    spent = 0.0
+    while True:
+        if seconds is None:
+            if rounds >= repeat:
+                break
+        elif rounds >= 2 and spent >= seconds:
+            break
+        start = rounds % n  # rotate who goes first, still one run per model per round
+        for k in range(n):
+            i = (start + k) % n
+            t0 = time.perf_counter()
+            sessions[i].run(outputs[i], feeds[i])
+            dt = time.perf_counter() - t0
+            times[i].append(dt * 1000.0)
+            spent += dt
+        rounds += 1
+
+    results = []
+    base_median = float(np.median(times[0]))
+    for p, ts in zip(paths, times):
+        arr = np.asarray(ts)
+        med = float(np.median(arr))
+        results.append(BenchResult(
+            path=str(p), batch=batch, seq_len=seq_len, threads=threads, runs=len(ts),
+            median_ms=med, p90_ms=float(np.percentile(arr, 90)), mean_ms=float(arr.mean()),
+            min_ms=float(arr.min()), throughput=batch / (med / 1000.0),
+            speedup=base_median / med, latencies_ms=[float(x) for x in ts],
+        ))
+    return results
+
+
+def format_table(results: Sequence[BenchResult], *, names: Sequence[str] | None = None) -> str:
+    """A plain-text table of ``results`` (one line per model)."""
+    labels = list(names) if names is not None else [r.path for r in results]
+    w = max([len("model")] + [len(x) for x in labels])
+    head = (f"{'model':<{w}}  {'median ms':>10}  {'p90 ms':>9}  {'samples/s':>10}  "
+            f"{'vs first':>8}")
+    lines = [head, "-" * len(head)]
+    for label, r in zip(labels, results):
+        lines.append(f"{label:<{w}}  {r.median_ms:>10.2f}  {r.p90_ms:>9.2f}  "
+                     f"{r.throughput:>10.1f}  {r.speedup:>7.2f}x")
+    if results:
+        r0 = results[0]
+        threads = r0.threads or "default"
+        lines.append(f"batch {r0.batch} x {r0.seq_len}, {r0.runs} interleaved runs per model, "
+                     f"intra-op threads {threads}, onnxruntime CPU, ORT_ENABLE_ALL")
+    return "\n".join(lines)
