@@ -120,13 +120,18 @@ def quantize(model: ir.Model, stats: Stats, *, recipe: Recipe | None = None):
 
     recipe = recipe or Recipe()
     stats.check_fingerprint(graph_fingerprint(model))
-    return InsertQDQPass(
+    result = InsertQDQPass(
         stats=stats,
         target=get_target(recipe.target),
         method=recipe.method,
         keep_fp=recipe.keep_fp,
         quantize_attention=recipe.quantize_attention,
     )(model)
+    if recipe.int8_embeddings:
+        from onnxq.passes.quantize_embeddings import QuantizeEmbeddingsPass
+
+        result.embeddings = QuantizeEmbeddingsPass()(model).tables
+    return result
 
 
 @dataclasses.dataclass

@@ -4,8 +4,12 @@ Order matters and is fixed here:
 
 1. canonicalize (done by :func:`onnxq.prepare`): fold constants, fuse LayerNorm/GELU,
    Gemm → MatMul, so every later matcher sees one form;
-2. FP32-equivalent outlier passes, which need statistics of the *untransformed*
-   graph (a short calibration run, like the OS+ paper's single migration batch);
+2. FP32-equivalent outlier passes. They need statistics of the *untransformed*
+   graph, with a bounded reservoir of activation rows per site: a short
+   calibration run over the first batches (the OS+ paper migrates from a single
+   batch). Norm-site passes (OS+, SmoothQuant) run first; the explicit FFN-input
+   scaling runs after them on the same statistics, which stay valid because the
+   norm folds change only the norm outputs and restore the residual branch;
 3. the full calibration of the *transformed* graph (scales must describe the
    activations that will actually be quantized);
 4. Q/DQ insertion.
@@ -13,14 +17,93 @@ Order matters and is fixed here:
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any
 
 import onnx_ir as ir
 
 from onnxq._progress import Progress
+from onnxq.calibration.runner import calibrate
+from onnxq.errors import OnnxqError
+from onnxq.passes._patterns import find_linears, find_norm_sites
 from onnxq.recipe import Recipe
+from onnxq.targets.profiles import get_target
 
-__all__ = ["apply_outlier_passes"]
+__all__ = ["apply_outlier_passes", "outlier_pass_list"]
+
+# Batches of the calibration data used to choose shifts and scales.
+MIGRATION_BATCHES = 4
+MIGRATION_ROWS = 1024
+
+
+def _expand(methods: tuple[str, ...]) -> list[str]:
+    out: list[str] = []
+    for m in methods:
+        if m == "none":
+            continue
+        if m == "auto":
+            # The default for per-tensor static W8A8: OS+ at every norm site plus
+            # explicit shift/scale at FFN inputs with channel outliers.
+            out += ["osplus", "ffn-scaling"]
+        else:
+            out.append(m)
+    seen: list[str] = []
+    for m in out:
+        if m not in seen:
+            seen.append(m)
+    if "osplus" in seen and "osplus-shift" in seen:
+        seen.remove("osplus-shift")
+    if "smoothquant" in seen and ("osplus" in seen or "osplus-shift" in seen):
+        raise OnnxqError("choose one of smoothquant and osplus for the norm sites, not both")
+    return seen
+
+
+def outlier_pass_list(methods: list[str], stats, *, symmetric: bool) -> list[ir.passes.PassBase]:
+    """The outlier passes for ``methods`` in their fixed order."""
+    from onnxq.passes.ffn_scaling import ExplicitChannelScalingPass
+    from onnxq.passes.outlier_suppression_plus import OutlierSuppressionPlusPass
+    from onnxq.passes.smooth_quant import SmoothQuantPass
+
+    passes: list[ir.passes.PassBase] = []
+    if "osplus" in methods:
+        passes.append(OutlierSuppressionPlusPass(stats=stats, symmetric=symmetric))
+    if "osplus-shift" in methods:
+        passes.append(OutlierSuppressionPlusPass(stats=stats, scale=False, symmetric=symmetric))
+    if "smoothquant" in methods:
+        passes.append(SmoothQuantPass(stats=stats))
+    if "ffn-scaling" in methods:
+        passes.append(ExplicitChannelScalingPass(stats=stats, symmetric=symmetric))
+    if "peg" in methods:
+        from onnxq.passes.peg import PerEmbeddingGroupPass
+
+        passes.append(PerEmbeddingGroupPass(stats=stats))
+    return passes
+
+
+def _site_tensors(model: ir.Model) -> list[str]:
+    from onnxq.passes.ffn_scaling import DEFAULT_PRODUCERS
+
+    names: list[str] = []
+    for site in find_norm_sites(model.graph):
+        names.append(site.output.name)
+    for unit in find_linears(model.graph):
+        prod = unit.input.producer()
+        if prod is not None and prod.op_type in DEFAULT_PRODUCERS:
+            names.append(unit.input.name)
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return _jsonable(value.item())
+    return value
 
 
 def apply_outlier_passes(
@@ -30,7 +113,22 @@ def apply_outlier_passes(
 
     Returns a JSON-serialisable description of what was applied per site.
     """
-    methods = [m for m in recipe.outliers if m != "none"]
+    methods = _expand(recipe.outliers)
     if not methods:
         return {"methods": [], "sites": []}
-    raise NotImplementedError(f"outlier methods {methods} are not available yet")
+    tensors = _site_tensors(model)
+    if not tensors:
+        return {"methods": methods, "sites": [], "note": "no outlier sites in this graph"}
+    target = get_target(recipe.target)
+    batches = list(itertools.islice(iter(data), MIGRATION_BATCHES))
+    stats = calibrate(model, batches, tensors=tensors, sample_rows=MIGRATION_ROWS)
+    sites: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for p in outlier_pass_list(methods, stats, symmetric=target.activation_symmetric):
+        result = p(model)
+        name = type(p).__name__
+        for site in getattr(result, "sites", []):
+            sites.append({"pass": name, **site})
+        for site in getattr(result, "skipped", []):
+            skipped.append({"pass": name, **site})
+    return _jsonable({"methods": methods, "sites": sites, "skipped": skipped})

@@ -45,6 +45,7 @@ class Recipe:
         outliers: outlier method(s) applied before calibration.
         validate_samples: held-out samples used to measure fidelity.
         opset: opset for exports.
+        int8_embeddings: store large embedding tables as int8 rows.
     """
 
     target: str = "tensorrt"
@@ -54,9 +55,10 @@ class Recipe:
     seq_len: int = 128
     keep_fp: tuple[str, ...] = ()
     quantize_attention: bool | None = None
-    outliers: tuple[str, ...] = ("none",)
+    outliers: tuple[str, ...] = ("auto",)
     validate_samples: int = 256
     opset: int = 21
+    int8_embeddings: bool = True
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -100,7 +102,7 @@ def recipe_from_mapping(data: Mapping[str, Any], *, source: str = "recipe") -> R
         elif key in ("samples", "batch_size", "seq_len", "validate_samples", "opset"):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise OnnxqError(f"{source}: {key} must be an integer")
-        elif key == "quantize_attention":
+        elif key in ("quantize_attention", "int8_embeddings"):
             if not isinstance(value, bool):
                 raise OnnxqError(f"{source}: {key} must be true or false")
         elif not isinstance(value, str):

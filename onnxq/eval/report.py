@@ -59,11 +59,16 @@ def build_report(
             for a in qdq.activations
         ],
         "kept_fp": list(qdq.kept_fp),
+        "int8_embeddings": list(getattr(qdq, "embeddings", [])),
         "outliers": outliers,
         "lint": [str(v) for v in violations],
         "op_counts": dict(sorted(ops.items())),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -91,7 +96,10 @@ def _markdown(report: dict[str, Any]) -> str:
     sites = report.get("outliers", {}).get("sites", [])
     if sites:
         lines += ["", "## Outlier methods per site", "", "| site | method | detail |", "|---|---|---|"]
-        lines += [f"| {s.get('site')} | {s.get('method')} | {s.get('detail', '')} |" for s in sites]
+        for s in sites:
+            detail = ", ".join(f"{k}={_fmt(s[k])}" for k in ("t", "max_scale", "scaled_channels",
+                               "loss_before", "loss_after") if k in s)
+            lines.append(f"| {s.get('module') or s.get('site')} | {s.get('method')} | {detail} |")
     lines += ["", "## Quantized activations", "",
               "| module | tensor | kind | range | scale | zero point |", "|---|---|---|---|---|---|"]
     for a in report["quantized_activations"]:

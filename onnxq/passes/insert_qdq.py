@@ -64,6 +64,7 @@ class QDQResult(ir.passes.PassResult):
     activations: list[QuantizedTensor] = dataclasses.field(default_factory=list)
     weights: list[str] = dataclasses.field(default_factory=list)
     kept_fp: list[str] = dataclasses.field(default_factory=list)
+    embeddings: list[str] = dataclasses.field(default_factory=list)
 
 
 def quantize_weight_per_channel(w: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
