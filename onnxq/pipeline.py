@@ -75,9 +75,14 @@ def outlier_pass_list(methods: list[str], stats, *, symmetric: bool) -> list[ir.
     if "ffn-scaling" in methods:
         passes.append(ExplicitChannelScalingPass(stats=stats, symmetric=symmetric))
     if "peg" in methods:
+        from onnxq.passes.ffn_scaling import DEFAULT_PRODUCERS
         from onnxq.passes.peg import PerEmbeddingGroupPass
 
-        passes.append(PerEmbeddingGroupPass(stats=stats))
+        # After a norm-site fold the norm outputs' statistics are stale: PEG then
+        # only splits FFN inputs, whose statistics the folds leave intact.
+        norm_folds = {"osplus", "osplus-shift", "smoothquant"} & set(methods)
+        producers = DEFAULT_PRODUCERS if norm_folds else None
+        passes.append(PerEmbeddingGroupPass(stats=stats, producers=producers))
     return passes
 
 

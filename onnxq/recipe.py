@@ -27,7 +27,7 @@ from onnxq.targets.profiles import TARGETS
 __all__ = ["OUTLIER_METHODS", "Recipe", "load_recipe"]
 
 # "auto" picks per site from the calibration statistics.
-OUTLIER_METHODS = ("none", "auto", "smoothquant", "osplus", "osplus-shift", "peg")
+OUTLIER_METHODS = ("none", "auto", "smoothquant", "osplus", "osplus-shift", "ffn-scaling", "peg")
 
 
 @dataclasses.dataclass(frozen=True)

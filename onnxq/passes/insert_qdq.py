@@ -148,7 +148,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         graph = model.graph
         namer = _Namer(graph)
         result = QDQResult(model, False)
-        act_dq: dict[int, ir.Value] = {}
+        act_q: dict[int, ir.Value] = {}
         weight_dq: dict[int, ir.Value] = {}
 
         jobs: list[tuple[ir.Node, int, str]] = []  # (consumer, input index, kind)
@@ -175,11 +175,15 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     weight_dq[id(value)] = dq
                     result.weights.append(value.name or "")
             else:
-                dq = act_dq.get(id(value))
-                if dq is None:
-                    dq, record = self._quantize_activation(graph, consumer, value, kind, namer)
-                    act_dq[id(value)] = dq
+                # One QuantizeLinear per tensor, one DequantizeLinear per consumer:
+                # onnxruntime fuses a DQ -> MatMul node unit only when the DQ has a
+                # single consumer, and TensorRT prefers dedicated pairs too.
+                q_out = act_q.get(id(value))
+                if q_out is None:
+                    q_out, record = self._quantize_activation(graph, consumer, value, kind, namer)
+                    act_q[id(value)] = q_out
                     result.activations.append(record)
+                dq = self._dequantize(graph, consumer, value, q_out, namer)
             consumer.replace_input_with(idx, dq)
             result.modified = True
 
@@ -190,7 +194,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if result.modified:
             graph.sort()
         logger.info(
-            "Inserted Q/DQ on %s activations and %s weights", len(act_dq), len(weight_dq)
+            "Inserted Q/DQ on %s activations and %s weights", len(act_q), len(weight_dq)
         )
         return result
 
@@ -226,21 +230,31 @@ class InsertQDQPass(ir.passes.InPlacePass):
             "QuantizeLinear", [value, s_val, z_val], outputs=[q_out],
             name=namer(f"{name}_QuantizeLinear"), metadata_props=dict(meta),
         )
-        dq_out = ir.Value(name=namer(f"{name}_dequantized"))
-        dq = ir.node(
-            "DequantizeLinear", [q_out, s_val, z_val], outputs=[dq_out],
-            name=namer(f"{name}_DequantizeLinear"), metadata_props=dict(meta),
-        )
         q_out.dtype = ir.DataType.INT8 if np_dtype is np.int8 else ir.DataType.UINT8
         q_out.shape = value.shape
-        dq_out.dtype = value.dtype or ir.DataType.FLOAT
-        dq_out.shape = value.shape
-        graph.insert_before(consumer, [q, dq])
+        graph.insert_before(consumer, [q])
         record = QuantizedTensor(
             name=name, module=module_of(consumer), kind=kind, scale=scale, zero_point=zp,
             range=(float(lo), float(hi)), method=method,
         )
-        return dq_out, record
+        return q_out, record
+
+    def _dequantize(
+        self, graph: ir.Graph, consumer: ir.Node, value: ir.Value, q_out: ir.Value, namer: _Namer
+    ) -> ir.Value:
+        q = q_out.producer()
+        assert q is not None
+        name = value.name or "activation"
+        dq_out = ir.Value(name=namer(f"{name}_dequantized"))
+        dq = ir.node(
+            "DequantizeLinear", [q_out, q.inputs[1], q.inputs[2]], outputs=[dq_out],
+            name=namer(f"{name}_DequantizeLinear"),
+            metadata_props={"onnxq.pass": PASS_TAG, "onnxq.module": module_of(consumer)},
+        )
+        dq_out.dtype = value.dtype or ir.DataType.FLOAT
+        dq_out.shape = value.shape
+        graph.insert_before(consumer, [dq])
+        return dq_out
 
     def _quantize_weight(
         self, graph: ir.Graph, consumer: ir.Node, value: ir.Value, namer: _Namer
