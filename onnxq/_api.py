@@ -48,7 +48,7 @@ save = _io.save
 
 def export(source: str | os.PathLike | None = None, *, task: str = "auto", opset: int = 21):
     """Export a Hugging Face model folder (or the default model) to an onnx-ir Model."""
-    from onnxq.export.hf import export_hf
+    from onnxq.exporters.hf import export_hf
 
     return export_hf(source, task=task, opset=opset).model
 
@@ -71,7 +71,7 @@ def load_source(
         if (folder / "tokenizer.json").is_file():
             return model, folder
         return model, pathlib.Path(tok) if tok and pathlib.Path(tok).exists() else None
-    from onnxq.export.hf import export_hf
+    from onnxq.exporters.hf import export_hf
 
     result = export_hf(source, task=task, opset=opset)
     return result.model, result.source

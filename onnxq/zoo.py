@@ -278,7 +278,7 @@ def tiny_bert_onnx(
 
     Args:
         dest_dir: Folder for the Hugging Face files and ``model.onnx`` (single file).
-        task: Export task, see :func:`onnxq.export.export_hf`.
+        task: Export task, see :func:`onnxq.exporters.export_hf`.
         opset: ONNX opset.
         **kw: Passed to :func:`tiny_bert_dir`.
 
@@ -287,7 +287,7 @@ def tiny_bert_onnx(
     """
     import onnx_ir as ir
 
-    from onnxq.export.hf import export_hf
+    from onnxq.exporters.hf import export_hf
 
     folder = tiny_bert_dir(dest_dir, **kw)
     result = export_hf(folder, task=task, opset=opset)

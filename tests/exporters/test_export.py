@@ -1,4 +1,4 @@
-"""Tests for onnxq.export (Hugging Face -> ONNX) and the tiny model zoo."""
+"""Tests for onnxq.exporters (Hugging Face -> ONNX) and the tiny model zoo."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
 
 from onnxq.errors import ModelLoadError, OnnxqError  # noqa: E402
-from onnxq.export import (  # noqa: E402
+from onnxq.exporters import (  # noqa: E402
     DEFAULT_MODEL,
     ExportResult,
     default_model_dir,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from onnxq.export.hf import (
+from onnxq.exporters.hf import (
     DEFAULT_MODEL,
     SUPPORTED_MODEL_TYPES,
     TASKS,
