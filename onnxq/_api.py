@@ -94,6 +94,7 @@ def calibrate(
     tensors: Sequence[str] | None = None,
     sample_rows: int = 0,
     progress: Progress | None = None,
+    text_field: str = "text",
 ) -> Stats:
     """Calibrate ``model`` on ``data`` (a path, ``None`` for the default text, or feeds)."""
     recipe = recipe or Recipe()
@@ -106,6 +107,7 @@ def calibrate(
             samples=recipe.samples,
             batch_size=recipe.batch_size,
             seq_len=recipe.seq_len,
+            text_field=text_field,
         )
     total = getattr(data, "num_samples", None)
     with progress.bar("calibrating", total) as update:
@@ -149,6 +151,7 @@ def _split_data(
     calib: str | os.PathLike | None,
     tokenizer: pathlib.Path | None,
     recipe: Recipe,
+    text_field: str = "text",
 ):
     """Calibration data and disjoint held-out validation data."""
     specs = _data.input_specs(model)
@@ -167,7 +170,7 @@ def _split_data(
     return _data.split_calibration(
         calib, specs, tokenizer=tokenizer, samples=recipe.samples,
         validate_samples=recipe.validate_samples, batch_size=recipe.batch_size,
-        seq_len=recipe.seq_len,
+        seq_len=recipe.seq_len, text_field=text_field,
     )
 
 
@@ -181,6 +184,7 @@ def convert(
     stats: Stats | None = None,
     progress: Progress | None = None,
     task: str = "auto",
+    text_field: str = "text",
 ) -> ConvertResult:
     """Convert a model to a static INT8 QDQ graph; see the module docstring for the steps.
 
@@ -194,6 +198,8 @@ def convert(
         tokenizer: folder or tokenizer.json for text calibration of ONNX inputs.
         stats: precomputed statistics (from ``onnxq calibrate``) to skip calibration.
         progress: stage timing / progress display.
+        task: export task when ``source`` is a Hugging Face model.
+        text_field: field holding the text in ``.jsonl`` calibration files.
     """
     from onnxq.eval.report import build_report, write_reports
     from onnxq.pipeline import apply_outlier_passes
@@ -207,7 +213,7 @@ def convert(
     with progress.stage("canonicalize"):
         prepare(model)
     fp32_bytes = ir.serde.serialize_model(_materialized(model)).SerializeToString()
-    cal_data, val_data = _split_data(model, calib, tok, recipe)
+    cal_data, val_data = _split_data(model, calib, tok, recipe, text_field)
 
     with progress.stage("outlier passes"):
         outlier_report = apply_outlier_passes(model, cal_data, recipe, progress=progress)

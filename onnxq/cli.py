@@ -52,6 +52,8 @@ _common = [
                       "Default: built-in English text."),
     click.option("--tokenizer", type=click.Path(), default=None,
                  help="Folder with tokenizer.json (for text calibration of ONNX models)."),
+    click.option("--text-field", type=str, default="text",
+                 help="Field holding the text in .jsonl calibration files."),
     click.option("--samples", type=int, default=None, help="Calibration samples (default 256)."),
     click.option("--batch-size", type=int, default=None, help="Calibration batch size (32)."),
     click.option("--seq-len", type=int, default=None, help="Max tokens per text sample (128)."),
@@ -100,7 +102,7 @@ def convert(model, output, stats_path, **opts) -> None:
     stats = Stats.load(stats_path) if stats_path else None
     result = onnxq.convert(
         model, output, recipe=recipe, calib=opts["calib"], tokenizer=opts["tokenizer"],
-        stats=stats, progress=progress, task=opts["task"],
+        stats=stats, progress=progress, task=opts["task"], text_field=opts["text_field"],
     )
     if not opts["quiet"]:
         _print_summary(result.report)
@@ -157,7 +159,8 @@ def calibrate(model, output, **opts) -> None:
     m, tok = onnxq.load_source(model, task=opts["task"], opset=recipe.opset)
     onnxq.prepare(m)
     stats = onnxq.calibrate(m, opts["calib"], tokenizer=opts["tokenizer"] or tok, recipe=recipe,
-                            progress=_progress(opts["verbose"], opts["quiet"]))
+                            progress=_progress(opts["verbose"], opts["quiet"]),
+                            text_field=opts["text_field"])
     stats.save(output)
     if not opts["quiet"]:
         click.echo(f"onnxq: wrote statistics of {len(stats.observers)} tensors to {output}")

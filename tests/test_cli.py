@@ -162,3 +162,24 @@ def test_lint_reports_violations_with_nonzero_exit(tmp_path, block):
     lint = onnxq("lint", str(out), "--target", "tensorrt")
     assert lint.returncode == 1
     assert "zero-point" in lint.stdout or "qdq-type" in lint.stdout
+
+
+def test_convert_tiny_bert_with_jsonl_text_field(tmp_path):
+    pytest.importorskip("torch")
+    from onnxq.zoo import tiny_bert_onnx
+
+    model = tiny_bert_onnx(tmp_path / "tiny")
+    calib = tmp_path / "calib.jsonl"
+    words = "the quick brown fox jumps over a lazy dog near the river bank".split()
+    with open(calib, "w") as f:
+        for i in range(80):
+            f.write(json.dumps({"sentence": " ".join(words[i % 7:] + words[: i % 5])}) + "\n")
+    out = tmp_path / "tiny.int8.onnx"
+    proc = onnxq("convert", str(model), "-o", str(out), "--calib", str(calib),
+                 "--text-field", "sentence", "--target", "ort-cpu")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "tiny.int8.report.json").read_text())
+    assert report["fidelity"]["samples"] == 16  # the last fifth is held out
+    assert report["fidelity"]["mean_cosine"] > 0.95
+    line = _one_clear_line(onnxq("convert", str(model), "-o", str(out), "--calib", str(calib)))
+    assert "text" in line and str(calib.name) in line
