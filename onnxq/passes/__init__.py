@@ -16,14 +16,24 @@ from onnxq.passes.fold_constants import FoldConstantsPass
 from onnxq.passes.fuse_gelu import FuseGeluPass
 from onnxq.passes.fuse_layer_norm import FuseLayerNormPass
 from onnxq.passes.gemm_to_matmul import GemmToMatMulPass
+from onnxq.passes.ffn_scaling import ExplicitChannelScalingPass
 from onnxq.passes.insert_qdq import InsertQDQPass
+from onnxq.passes.outlier_suppression_plus import OutlierSuppressionPlusPass
+from onnxq.passes.peg import PerEmbeddingGroupPass
+from onnxq.passes.quantize_embeddings import QuantizeEmbeddingsPass
+from onnxq.passes.smooth_quant import SmoothQuantPass
 
 __all__ = [
     "CanonicalizePass",
+    "ExplicitChannelScalingPass",
     "FoldConstantsPass",
     "FuseGeluPass",
     "FuseLayerNormPass",
     "GemmToMatMulPass",
     "InsertQDQPass",
+    "OutlierSuppressionPlusPass",
+    "PerEmbeddingGroupPass",
+    "QuantizeEmbeddingsPass",
+    "SmoothQuantPass",
     "canonicalize",
 ]
