@@ -128,6 +128,8 @@ def quantize(model: ir.Model, stats: Stats, *, recipe: Recipe | None = None):
         method=recipe.method,
         keep_fp=recipe.keep_fp,
         quantize_attention=recipe.quantize_attention,
+        weight_bits=recipe.weight_bits,
+        block_size=recipe.block_size,
     )(model)
     if recipe.int8_embeddings:
         from onnxq.passes.quantize_embeddings import QuantizeEmbeddingsPass

@@ -26,7 +26,8 @@ def _recipe(ctx_opts: dict[str, Any]):
 
     base = load_recipe(ctx_opts["recipe"]) if ctx_opts.get("recipe") else Recipe()
     changes: dict[str, Any] = {}
-    for key in ("target", "method", "samples", "batch_size", "seq_len", "opset"):
+    for key in ("target", "method", "samples", "batch_size", "seq_len", "opset", "weight_bits",
+                "block_size"):
         if ctx_opts.get(key) is not None:
             changes[key] = ctx_opts[key]
     if ctx_opts.get("keep_fp"):
@@ -60,6 +61,9 @@ _common = [
     click.option("--method", type=str, default=None,
                  help="Activation range estimator: minmax, percentile (default), entropy, mse."),
     click.option("--recipe", type=click.Path(), default=None, help="TOML recipe file."),
+    click.option("--weight-bits", type=int, default=None,
+                 help="8 (default) or 4: blocked int4 linear weights (W4A8, opset 21)."),
+    click.option("--block-size", type=int, default=None, help="Rows per int4 weight block (128)."),
     click.option("--opset", type=int, default=None, help="Opset for export (default 21)."),
     click.option("--task", type=str, default="auto",
                  help="Export task: feature-extraction or text-classification."),

@@ -46,6 +46,8 @@ class Recipe:
         validate_samples: held-out samples used to measure fidelity.
         opset: opset for exports.
         int8_embeddings: store large embedding tables as int8 rows.
+        weight_bits: 8, or 4 for blocked int4 linear weights (W4A8; opset 21).
+        block_size: rows per int4 weight block.
     """
 
     target: str = "tensorrt"
@@ -59,6 +61,8 @@ class Recipe:
     validate_samples: int = 256
     opset: int = 21
     int8_embeddings: bool = True
+    weight_bits: int = 8
+    block_size: int = 128
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -77,6 +81,8 @@ class Recipe:
                 )
         if self.samples is not None and self.samples <= 0:
             raise OnnxqError("samples must be a positive number")
+        if self.weight_bits not in (4, 8):
+            raise OnnxqError(f"weight bits must be 8 or 4, not {self.weight_bits}")
         if self.batch_size <= 0 or self.seq_len <= 0 or self.validate_samples < 0:
             raise OnnxqError("batch size, sequence length and validate samples must be positive")
 
@@ -99,7 +105,8 @@ def recipe_from_mapping(data: Mapping[str, Any], *, source: str = "recipe") -> R
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise OnnxqError(f"{source}: {key} must be a list of strings")
             value = tuple(value)
-        elif key in ("samples", "batch_size", "seq_len", "validate_samples", "opset"):
+        elif key in ("samples", "batch_size", "seq_len", "validate_samples", "opset",
+                     "weight_bits", "block_size"):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise OnnxqError(f"{source}: {key} must be an integer")
         elif key in ("quantize_attention", "int8_embeddings"):

@@ -39,7 +39,13 @@ from onnxq.passes._patterns import (
 )
 from onnxq.targets.profiles import TargetProfile
 
-__all__ = ["InsertQDQPass", "QDQResult", "QuantizedTensor", "quantize_weight_per_channel"]
+__all__ = [
+    "InsertQDQPass",
+    "QDQResult",
+    "QuantizedTensor",
+    "quantize_weight_blocked_int4",
+    "quantize_weight_per_channel",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +120,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
         keep_fp: module paths or value names (glob patterns allowed) whose linear
             layers stay in floating point.
         quantize_attention: override ``target.quantize_attention_matmuls``.
+        weight_bits: 8 (per-channel int8) or 4 (blocked int4 along the input axis,
+            ``DequantizeLinear(axis=0, block_size)``, opset 21; W4A8). Weights whose
+            input size is not a multiple of ``block_size`` stay int8.
+        block_size: rows per int4 block (TensorRT accepts 64 and 128).
     """
 
     def __init__(
@@ -125,8 +135,14 @@ class InsertQDQPass(ir.passes.InPlacePass):
         methods: Mapping[str, str] | None = None,
         keep_fp: Collection[str] = (),
         quantize_attention: bool | None = None,
+        weight_bits: int = 8,
+        block_size: int = 128,
     ) -> None:
         super().__init__()
+        if weight_bits not in (4, 8):
+            raise OnnxqError(f"weight bits must be 8 or 4, not {weight_bits}")
+        self.weight_bits = weight_bits
+        self.block_size = block_size
         self.stats = stats
         self.target = target
         self.method = method
@@ -262,6 +278,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         w = const_array(value)
         assert w is not None
         name = value.name or namer("weight")
+        blocked = self._int4_block(w.shape[0])
+        if blocked:
+            return self._quantize_weight_int4(graph, consumer, value, w, name, namer, blocked)
         w_q, scale = quantize_weight_per_channel(w.astype(np.float32))
         if not self.target.weight_per_channel:
             scale = np.array(scale.max(), dtype=np.float32)
@@ -280,6 +299,56 @@ class InsertQDQPass(ir.passes.InPlacePass):
         dq_out.shape = ir.Shape(list(w.shape))
         graph.insert_before(consumer, [dq])
         return dq_out
+
+
+    def _int4_block(self, k: int) -> int:
+        """The int4 block size to use for a weight with ``k`` input rows, or 0 for int8."""
+        if self.weight_bits != 4:
+            return 0
+        if not self.target.allow_int4_weights:
+            raise OnnxqError(f"target {self.target.name} does not accept int4 weights")
+        bs = self.block_size
+        if bs not in self.target.int4_block_sizes:
+            allowed = ", ".join(map(str, self.target.int4_block_sizes))
+            raise OnnxqError(f"block size {bs} is not allowed for {self.target.name} ({allowed})")
+        return bs if k % bs == 0 else 0
+
+    def _quantize_weight_int4(
+        self, graph: ir.Graph, consumer: ir.Node, value: ir.Value, w: np.ndarray, name: str,
+        namer: _Namer, block: int,
+    ) -> ir.Value:
+        import ml_dtypes
+
+        w_q, scale = quantize_weight_blocked_int4(w.astype(np.float32), block)
+        q_val = _initializer(graph, namer(f"{name}_quantized"), w_q.astype(ml_dtypes.int4))
+        s_val = _initializer(graph, namer(f"{name}_scale"), scale)
+        z_val = _initializer(graph, namer(f"{name}_zero_point"),
+                             np.zeros(scale.shape, np.int8).astype(ml_dtypes.int4))
+        dq_out = ir.Value(name=namer(f"{name}_dequantized"))
+        dq = ir.node(
+            "DequantizeLinear", [q_val, s_val, z_val], attributes={"axis": 0, "block_size": block},
+            outputs=[dq_out], name=namer(f"{name}_DequantizeLinear"),
+            metadata_props={"onnxq.pass": PASS_TAG, "onnxq.module": module_of(consumer)},
+        )
+        dq_out.dtype = ir.DataType.FLOAT
+        dq_out.shape = ir.Shape(list(w.shape))
+        graph.insert_before(consumer, [dq])
+        return dq_out
+
+
+def quantize_weight_blocked_int4(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int4 quantization of a ``[K, N]`` weight in blocks of ``block`` rows.
+
+    Returns ``(w_q int8 values in [-7, 7] [K, N], scale float32 [K / block, N])`` with
+    ``w[k, n] ≈ w_q[k, n] * scale[k // block, n]`` (DequantizeLinear ``axis=0``,
+    ``block_size=block``, opset 21).
+    """
+    k, n = w.shape
+    blocks = w.reshape(k // block, block, n)
+    amax = np.abs(blocks).max(axis=1).astype(np.float64)
+    scale = np.maximum(amax / 7.0, np.finfo(np.float32).tiny).astype(np.float32)
+    q = np.clip(np.rint(blocks / scale[:, None, :].astype(np.float64)), -7, 7)
+    return q.reshape(k, n).astype(np.int8), scale
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
 from onnxq.calibration.runner import calibrate
@@ -144,3 +145,43 @@ def test_stats_file_roundtrip_drives_same_quantization(tmp_path):
     InsertQDQPass(stats=loaded, target=get_target("tensorrt"))(b)
     assert to_proto(a).SerializeToString(deterministic=True) == to_proto(b).SerializeToString(
         deterministic=True)
+
+
+def test_int4_blocked_weights_structure_numerics_and_lint():
+    import ml_dtypes
+
+    from onnxq.passes.insert_qdq import quantize_weight_blocked_int4
+    from onnxq.targets.lint import lint
+
+    ref_model = encoder_block_model(hidden=64, ffn=128)
+    model = encoder_block_model(hidden=64, ffn=128)
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.standard_normal((2, 5, 64)).astype(np.float32)} for _ in range(3)]
+    stats = calibrate(model, feeds)
+    InsertQDQPass(stats=stats, target=get_target("tensorrt"), weight_bits=4, block_size=64)(model)
+    dqs = [n for n in model.graph if n.op_type == "DequantizeLinear"
+           and n.inputs[0].const_value is not None]
+    assert len(dqs) == 2
+    for dq in dqs:
+        assert dq.attributes.get_int("block_size") == 64 and dq.attributes.get_int("axis") == 0
+        assert dq.inputs[0].const_value.dtype == ir.DataType.INT4
+    assert lint(model, "tensorrt") == []
+    assert [v.rule for v in lint(model, "jetson")].count("int4-block") == 2
+    # the graph computes with exactly the dequantized int4 weights
+    w = ref_model.graph.initializers["fc1.weight"].const_value.numpy()
+    q, s = quantize_weight_blocked_int4(w, 64)
+    deq = dqs[0].inputs[0].const_value.numpy().astype(np.int8).astype(np.float32)
+    np.testing.assert_array_equal(deq, q.astype(np.float32))
+    assert np.abs(q * np.repeat(s, 64, axis=0) - w).max() <= np.repeat(s, 64, axis=0).max() / 2 + 1e-6
+    (got,) = run(model, feeds[0])
+    (fp,) = run(ref_model, feeds[0])
+    assert np.abs(got - fp).max() < 1.0
+    assert ml_dtypes is not None
+
+
+def test_int4_refused_where_target_cannot_run_it():
+    model = encoder_block_model()
+    stats = calibrate(model, _feeds())
+    with pytest.raises(Exception) as info:
+        InsertQDQPass(stats=stats, target=get_target("jetson"), weight_bits=4)(model)
+    assert "int4" in str(info.value) or "int4" in str(info.value.__cause__)
