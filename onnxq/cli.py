@@ -126,7 +126,7 @@ def _print_summary(report: dict[str, Any]) -> None:
             extra += f", top-1 agreement {fid['top1_agreement']:.3f}"
         lines.append(f"  fidelity vs FP32 on {fid['samples']} held-out samples: mean cosine "
                      f"{fid['mean_cosine']:.4f}{extra}")
-    lines.append(f"  linear weights in INT8: {100 * cov['fraction']:.1f}%; lint "
+    lines.append(f"  linear weights quantized: {100 * cov['fraction']:.1f}%; lint "
                  + ("clean" if not report["lint"] else f"{len(report['lint'])} violations"))
     base = pathlib.Path(out.get("path", "out.onnx"))
     lines.append(f"  report: {base.with_name(base.name.removesuffix('.onnx') + '.report.md')}")
