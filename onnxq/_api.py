@@ -241,6 +241,12 @@ def convert(
             _io.save(model, out_path)
             report["output"] = _io_sizes(out_path)
             write_reports(report, out_path)
+            from onnxq.eval.html import write_html_report
+
+            write_html_report(
+                report, out_path.with_name(out_path.name.removesuffix(".onnx") + ".report.html"),
+                stats_after=stats,
+            )
     return ConvertResult(model=model, output=out_path, fidelity=fid, report=report)
 
 

@@ -299,3 +299,10 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"onnxq: internal error: {type(exc).__name__}: {msg} (rerun with --debug)",
                    err=True)
         sys.exit(1)
+
+
+from onnxq.cli_inspect import analyze as _analyze_cmd  # noqa: E402
+from onnxq.cli_inspect import compare as _compare_cmd  # noqa: E402
+
+cli.add_command(_analyze_cmd)
+cli.add_command(_compare_cmd)

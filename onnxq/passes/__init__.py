@@ -17,7 +17,10 @@ from onnxq.passes.fuse_gelu import FuseGeluPass
 from onnxq.passes.fuse_layer_norm import FuseLayerNormPass
 from onnxq.passes.gemm_to_matmul import GemmToMatMulPass
 from onnxq.passes.ffn_scaling import ExplicitChannelScalingPass
+from onnxq.passes.fuse_rms_norm import FuseRMSNormPass
 from onnxq.passes.insert_qdq import InsertQDQPass
+from onnxq.passes.online_hadamard import OnlineHadamardPass
+from onnxq.passes.rotate_residual import RotateResidualPass
 from onnxq.passes.outlier_suppression_plus import OutlierSuppressionPlusPass
 from onnxq.passes.peg import PerEmbeddingGroupPass
 from onnxq.passes.quantize_embeddings import QuantizeEmbeddingsPass
@@ -29,11 +32,14 @@ __all__ = [
     "FoldConstantsPass",
     "FuseGeluPass",
     "FuseLayerNormPass",
+    "FuseRMSNormPass",
     "GemmToMatMulPass",
     "InsertQDQPass",
+    "OnlineHadamardPass",
     "OutlierSuppressionPlusPass",
     "PerEmbeddingGroupPass",
     "QuantizeEmbeddingsPass",
+    "RotateResidualPass",
     "SmoothQuantPass",
     "canonicalize",
 ]

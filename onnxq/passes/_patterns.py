@@ -72,8 +72,15 @@ class LinearUnit:
         return module_of(self.matmul)
 
 
+# MatMuls that implement a rotation rather than a layer (an online Hadamard) are
+# not linear layers: they stay in floating point and get no outlier treatment.
+_NOT_LAYERS = {"OnlineHadamardPass"}
+
+
 def _linear_from_matmul(node: ir.Node) -> LinearUnit | None:
     if node.op_type != "MatMul" or node.domain != "" or len(node.inputs) != 2:
+        return None
+    if node.metadata_props.get("onnxq.pass") in _NOT_LAYERS:
         return None
     x, w = node.inputs
     if x is None or w is None or is_const(x) or not is_const(w):

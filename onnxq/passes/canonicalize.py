@@ -18,6 +18,7 @@ import onnx_ir.passes.common as common_passes
 from onnxq.passes.fold_constants import FoldConstantsPass
 from onnxq.passes.fuse_gelu import FuseGeluPass
 from onnxq.passes.fuse_layer_norm import FuseLayerNormPass
+from onnxq.passes.fuse_rms_norm import FuseRMSNormPass
 from onnxq.passes.gemm_to_matmul import GemmToMatMulPass
 
 
@@ -36,8 +37,9 @@ class CanonicalizePass(ir.passes.InPlacePass):
         # 2. GemmToMatMulPass needs a constant B, hence after folding.  It runs before
         #    the fusions so a Gemm feeding a LayerNorm or GELU already looks like the
         #    MatMul + Add that the rest of onnxq expects; the fusions do not depend on it.
-        # 3. FuseLayerNormPass, then FuseGeluPass: the two patterns share no nodes,
-        #    so their relative order does not change the result.
+        # 3. FuseLayerNormPass, then FuseRMSNormPass (a LayerNorm contains an RMS
+        #    chain over the centred values, so LayerNorm must claim its nodes first),
+        #    then FuseGeluPass, which shares no nodes with either.
         # 4. FoldConstantsPass again: the fusions drop the scalars only they read,
         #    but a rewrite can leave other dead constants or foldable subgraphs
         #    behind; this is the dead-code sweep.
@@ -48,6 +50,7 @@ class CanonicalizePass(ir.passes.InPlacePass):
             FoldConstantsPass(),
             GemmToMatMulPass(),
             FuseLayerNormPass(),
+            FuseRMSNormPass(),
             FuseGeluPass(),
             FoldConstantsPass(),
             common_passes.TopologicalSortPass(),
