@@ -10,6 +10,7 @@ Each step is also a function of its own, so export scripts can compose them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -187,6 +188,7 @@ def convert(
     progress: Progress | None = None,
     task: str = "auto",
     text_field: str = "text",
+    min_cosine: float | None = None,
 ) -> ConvertResult:
     """Convert a model to a static INT8 QDQ graph; see the module docstring for the steps.
 
@@ -202,6 +204,9 @@ def convert(
         progress: stage timing / progress display.
         task: export task when ``source`` is a Hugging Face model.
         text_field: field holding the text in ``.jsonl`` calibration files.
+        min_cosine: accuracy-driven fallback: while the held-out mean cosine is below
+            this, move the quantized layer with the worst quantization SQNR to floating
+            point (greedily, one layer at a time) and re-validate.
     """
     from onnxq.eval.report import build_report, write_reports
     from onnxq.pipeline import apply_outlier_passes
@@ -222,18 +227,29 @@ def convert(
     if stats is None:
         with progress.stage("calibrate"):
             stats = calibrate(model, cal_data, recipe=recipe, progress=progress)
+    prequant = None
+    if min_cosine is not None:
+        prequant = ir.serde.serialize_model(_materialized(model)).SerializeToString()
     with progress.stage("quantize"):
         qres = quantize(model, stats, recipe=recipe)
     fid = None
+    fallback = None
     if val_data is not None:
         with progress.stage("validate"):
             fid = validate(fp32_bytes, model, val_data, progress=progress)
+        if min_cosine is not None and fid.mean_cosine < min_cosine:
+            with progress.stage("fallback"):
+                model, qres, fid, fallback = _fallback(
+                    prequant, fp32_bytes, stats, recipe, val_data, fid, min_cosine, qres
+                )
     report = build_report(
         model=model, recipe=recipe, target=target, qdq=qres, fidelity=fid,
         outliers=outlier_report, timings=progress.timings, stats=stats,
         source=str(source) if source is not None and not isinstance(source, ir.Model) else
         "all-MiniLM-L6-v2 (default)" if source is None else "in-memory model",
     )
+    if fallback is not None:
+        report["fallback"] = fallback
     out_path = None
     if output is not None:
         out_path = pathlib.Path(output)
@@ -248,6 +264,69 @@ def convert(
                 stats_after=stats,
             )
     return ConvertResult(model=model, output=out_path, fidelity=fid, report=report)
+
+
+# At most this many layers are moved to floating point by the fallback.
+MAX_FALLBACK_STEPS = 24
+
+
+def _fallback(prequant, fp32_bytes, stats, recipe, val_data, fid, target, qres):
+    """Greedy accuracy-driven fallback (see :func:`convert`'s ``min_cosine``).
+
+    The candidate order comes from :func:`onnxq.eval.compare.compare` on a part of the
+    validation data: quantized activations sorted by the SQNR of their own Q/DQ pair
+    (worst first). Each step re-quantizes the pre-Q/DQ graph with the same statistics
+    and one more layer kept in floating point, and validates again.
+    """
+    import onnx
+
+    from onnxq.eval.bench import bench
+    from onnxq.eval.compare import compare
+
+    def fresh() -> ir.Model:
+        return ir.serde.deserialize_model(onnx.load_from_string(prequant))
+
+    fp32_model = ir.serde.deserialize_model(onnx.load_from_string(fp32_bytes))
+    first = _quantized_copy(fresh(), stats, recipe)
+    subset = [b for _, b in zip(range(2), val_data)]
+    errors = compare(fp32_model, first, subset)
+    candidates: list[str] = []
+    acts = [e for e in errors if e.role == "activation" and e.module]
+    acts.sort(key=lambda e: (e.local_sqnr_db if e.local_sqnr_db is not None else 1e9, e.index))
+    for e in acts:
+        if e.module not in candidates and e.module not in recipe.keep_fp:
+            candidates.append(e.module)
+    steps = [{"kept_fp": None, "mean_cosine": fid.mean_cosine}]
+    keep = list(recipe.keep_fp)
+    model = first
+    for module in candidates[:MAX_FALLBACK_STEPS]:
+        keep.append(module)
+        model = fresh()
+        qres = quantize(model, stats, recipe=recipe.replace(keep_fp=tuple(keep)))
+        fid = validate(fp32_bytes, model, val_data)
+        steps.append({"kept_fp": module, "mean_cosine": fid.mean_cosine})
+        if fid.mean_cosine >= target:
+            break
+    reached = fid.mean_cosine >= target
+    # speed cost: the fallback graph against the fully quantized one, interleaved
+    speed = None
+    with contextlib.suppress(Exception):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="onnxq-fallback-") as tmp:
+            a, b = pathlib.Path(tmp) / "all.onnx", pathlib.Path(tmp) / "fallback.onnx"
+            _io.save(first, a)
+            _io.save(_quantized_copy(fresh(), stats, recipe.replace(keep_fp=tuple(keep))), b)
+            res = bench([str(a), str(b)], batch=8, seq_len=128, warmup=1, repeat=3)
+            speed = res[1].speedup
+    info = {"target_cosine": target, "reached": reached, "kept_fp": keep[len(recipe.keep_fp):],
+            "steps": steps, "speed_vs_fully_quantized": speed}
+    return model, qres, fid, info
+
+
+def _quantized_copy(model: ir.Model, stats: Stats, recipe: Recipe) -> ir.Model:
+    quantize(model, stats, recipe=recipe)
+    return model
 
 
 def _materialized(model: ir.Model) -> ir.Model:

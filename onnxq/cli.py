@@ -95,7 +95,10 @@ def cli() -> None:
 @click.option("--stats", "stats_path", type=click.Path(), default=None,
               help="Statistics file from `onnxq calibrate` (skips calibration).")
 @click.option("--no-validate", is_flag=True, help="Skip the fidelity check.")
-def convert(model, output, stats_path, **opts) -> None:
+@click.option("--min-cosine", type=float, default=None,
+              help="Accuracy-driven fallback: keep the worst layers in floating point until "
+                   "the held-out mean cosine vs FP32 reaches this value.")
+def convert(model, output, stats_path, min_cosine, **opts) -> None:
     """Convert MODEL (ONNX file, HF folder; default all-MiniLM-L6-v2) to static INT8."""
     _set_debug(opts)
     import onnxq
@@ -107,6 +110,7 @@ def convert(model, output, stats_path, **opts) -> None:
     result = onnxq.convert(
         model, output, recipe=recipe, calib=opts["calib"], tokenizer=opts["tokenizer"],
         stats=stats, progress=progress, task=opts["task"], text_field=opts["text_field"],
+        min_cosine=min_cosine,
     )
     if not opts["quiet"]:
         _print_summary(result.report)
@@ -126,6 +130,13 @@ def _print_summary(report: dict[str, Any]) -> None:
             extra += f", top-1 agreement {fid['top1_agreement']:.3f}"
         lines.append(f"  fidelity vs FP32 on {fid['samples']} held-out samples: mean cosine "
                      f"{fid['mean_cosine']:.4f}{extra}")
+    fb = report.get("fallback")
+    if fb:
+        state = "reached" if fb["reached"] else "NOT reached"
+        speed = fb.get("speed_vs_fully_quantized")
+        cost = f", speed {speed:.2f}x of the fully quantized graph" if speed else ""
+        lines.append(f"  fallback to cosine {fb['target_cosine']}: {state}; kept in FP: "
+                     f"{', '.join(fb['kept_fp']) or 'nothing'}{cost}")
     lines.append(f"  linear weights quantized: {100 * cov['fraction']:.1f}%; lint "
                  + ("clean" if not report["lint"] else f"{len(report['lint'])} violations"))
     base = pathlib.Path(out.get("path", "out.onnx"))

@@ -183,3 +183,19 @@ def test_convert_tiny_bert_with_jsonl_text_field(tmp_path):
     assert report["fidelity"]["mean_cosine"] > 0.95
     line = _one_clear_line(onnxq("convert", str(model), "-o", str(out), "--calib", str(calib)))
     assert "text" in line and str(calib.name) in line
+
+
+def test_min_cosine_fallback_keeps_worst_layers_in_fp(block, tmp_path):
+    out = tmp_path / "fb.onnx"
+    proc = onnxq("convert", str(block), "-o", str(out), "--calib", str(tmp_path / "calib.npz"),
+                 "--min-cosine", "0.999999", "--outliers", "none")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "fb.report.json").read_text())
+    fb = report["fallback"]
+    assert fb["steps"][0]["kept_fp"] is None
+    assert len(fb["steps"]) >= 2 and fb["kept_fp"]
+    # each step keeps one more layer in floating point; the final fidelity is the last step's
+    assert report["fidelity"]["mean_cosine"] == fb["steps"][-1]["mean_cosine"]
+    assert set(report["kept_fp"]) == set(fb["kept_fp"])
+    assert fb["steps"][-1]["mean_cosine"] >= fb["steps"][0]["mean_cosine"]
+    assert "fallback to cosine" in proc.stdout

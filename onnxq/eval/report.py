@@ -91,6 +91,17 @@ def _markdown(report: dict[str, Any]) -> str:
                  + ("clean" if not report["lint"] else f"{len(report['lint'])} violations"))
     if report["kept_fp"]:
         lines.append(f"- kept in floating point: {', '.join(report['kept_fp'])}")
+    fb = report.get("fallback")
+    if fb:
+        lines += ["", "## Accuracy-driven fallback", "",
+                  f"Target mean cosine {fb['target_cosine']}: "
+                  + ("reached" if fb["reached"] else "not reached") + ".", "",
+                  "| step | kept in floating point | mean cosine |", "|---|---|---|"]
+        for i, st in enumerate(fb["steps"]):
+            lines.append(f"| {i} | {st['kept_fp'] or '(all quantized)'} | {st['mean_cosine']:.5f} |")
+        if fb.get("speed_vs_fully_quantized"):
+            lines.append(f"\nSpeed of the fallback graph vs the fully quantized one "
+                         f"(onnxruntime CPU, batch 8x128): {fb['speed_vs_fully_quantized']:.2f}x")
     lines += ["", "## Stage timings", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report["timings_s"].items()]
     sites = report.get("outliers", {}).get("sites", [])
