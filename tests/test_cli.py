@@ -52,6 +52,7 @@ def test_convert_onnx_with_npz_calibration(block, tmp_path):
     assert report["lint"] == []
     assert report["fidelity"]["mean_cosine"] > 0.95
     assert (tmp_path / "out.report.md").exists()
+    assert "<table" in (tmp_path / "out.report.html").read_text()
     assert "mean cosine" in proc.stdout
     lint = onnxq("lint", str(out), "--target", "tensorrt")
     assert lint.returncode == 0, lint.stdout
