@@ -48,10 +48,16 @@ save = _io.save
 
 
 def export(source: str | os.PathLike | None = None, *, task: str = "auto", opset: int = 21):
-    """Export a Hugging Face model folder (or the default model) to an onnx-ir Model."""
-    from onnxq.exporters.hf import export_hf
+    """Export a Hugging Face model folder (or the default model) to an onnx-ir Model.
 
-    return export_hf(source, task=task, opset=opset).model
+    Args:
+        source: HF folder, installed package carrying one, or None for all-MiniLM-L6-v2.
+        task: "auto", "feature-extraction", "text-classification" or "text-generation".
+        opset: ai.onnx opset of the export.
+    """
+    from onnxq.exporters.dispatch import export_model
+
+    return export_model(source, task=task, opset=opset).model
 
 
 def _is_onnx_file(spec: str | os.PathLike | None) -> bool:
@@ -72,9 +78,9 @@ def load_source(
         if (folder / "tokenizer.json").is_file():
             return model, folder
         return model, pathlib.Path(tok) if tok and pathlib.Path(tok).exists() else None
-    from onnxq.exporters.hf import export_hf
+    from onnxq.exporters.dispatch import export_model
 
-    result = export_hf(source, task=task, opset=opset)
+    result = export_model(source, task=task, opset=opset)
     return result.model, result.source
 
 

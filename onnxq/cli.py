@@ -148,7 +148,8 @@ def _print_summary(report: dict[str, Any]) -> None:
 @click.argument("model", required=False)
 @click.option("-o", "--output", type=click.Path(), required=True, help="Output .onnx file.")
 @click.option("--task", type=str, default="auto",
-              help="feature-extraction (encoders' default) or text-classification.")
+              help="feature-extraction (encoders' default), text-classification or "
+                   "text-generation (decoders with KV cache; default for *ForCausalLM).")
 @click.option("--opset", type=int, default=21, help="ONNX opset (default 21).")
 @click.option("--debug", is_flag=True)
 def export(model, output, task, opset, debug) -> None:
