@@ -929,7 +929,16 @@ def compute_range(obs: TensorObserver, method: str, **kwargs: Any) -> tuple[floa
 
     Raises:
         ValueError: For an unknown method.
+
+    ``"percentile:<p>"`` selects :func:`percentile_range` with ``percentile=p``
+    (``"percentile:99.99"``), so a per-tensor method string can carry its percentile.
     """
+    if isinstance(method, str) and method.startswith("percentile:"):
+        try:
+            p = float(method.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"bad percentile in range method {method!r}") from None
+        return percentile_range(obs, percentile=p, **kwargs)
     try:
         fn = _METHODS[method]
     except (KeyError, TypeError):

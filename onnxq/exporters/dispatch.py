@@ -6,6 +6,7 @@ task                   models                                      exporter
 feature-extraction,    BERT-family encoders                        :func:`export_hf`
 text-classification
 text-generation        LLaMA, Qwen2/3, OPT, Mistral (*ForCausalLM)  :func:`export_decoder`
+mamba-step             MambaForCausalLM (one decode step + states)  :func:`export_mamba_step`
 =====================  ==========================================  =====================
 
 ``task="auto"`` picks text-generation for ``*ForCausalLM`` architectures and the
@@ -26,6 +27,8 @@ def guess_task(source: str | os.PathLike[str] | None, task: str = "auto") -> str
     if task != "auto":
         return task
     config = _read_config(resolve_model_source(source))
+    if config.get("model_type") == "mamba":
+        return "mamba-step"
     architectures = [str(a) for a in config.get("architectures") or []]
     if any(a.endswith("ForCausalLM") for a in architectures):
         return "text-generation"
@@ -38,6 +41,10 @@ def export_model(
 ) -> ExportResult:
     """Export ``source`` with the exporter its task calls for."""
     task = guess_task(source, task)
+    if task == "mamba-step":
+        from onnxq.exporters.mamba import export_mamba_step
+
+        return export_mamba_step(source, opset=opset, progress=progress)
     if task == "text-generation":
         from onnxq.exporters.decoder import export_decoder
 

@@ -23,6 +23,7 @@ from onnxq.passes.online_hadamard import OnlineHadamardPass
 from onnxq.passes.rotate_residual import RotateResidualPass
 from onnxq.passes.outlier_suppression_plus import OutlierSuppressionPlusPass
 from onnxq.passes.peg import PerEmbeddingGroupPass
+from onnxq.passes.quamba import QuambaPass
 from onnxq.passes.quantize_embeddings import QuantizeEmbeddingsPass
 from onnxq.passes.smooth_quant import SmoothQuantPass
 
@@ -38,6 +39,7 @@ __all__ = [
     "OnlineHadamardPass",
     "OutlierSuppressionPlusPass",
     "PerEmbeddingGroupPass",
+    "QuambaPass",
     "QuantizeEmbeddingsPass",
     "RotateResidualPass",
     "SmoothQuantPass",

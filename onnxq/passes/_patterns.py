@@ -74,7 +74,7 @@ class LinearUnit:
 
 # MatMuls that implement a rotation rather than a layer (an online Hadamard) are
 # not linear layers: they stay in floating point and get no outlier treatment.
-_NOT_LAYERS = {"OnlineHadamardPass"}
+_NOT_LAYERS = {"OnlineHadamardPass", "QuambaPass"}
 
 
 def _linear_from_matmul(node: ir.Node) -> LinearUnit | None:
