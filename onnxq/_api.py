@@ -223,6 +223,13 @@ def convert(
     with progress.stage("load/export"):
         model, tok_dir = load_source(source, task=task, opset=recipe.opset)
     tok = pathlib.Path(tokenizer) if tokenizer else tok_dir
+    src_name = (str(source) if source is not None and not isinstance(source, ir.Model)
+                else "all-MiniLM-L6-v2 (default)" if source is None else "in-memory model")
+    from onnxq.ssm import convert_mamba, is_mamba_step
+
+    if is_mamba_step(model):
+        return convert_mamba(model, output, recipe=recipe, calib=calib, tokenizer=tok,
+                             progress=progress, source=src_name)
     with progress.stage("canonicalize"):
         prepare(model)
     fp32_bytes = ir.serde.serialize_model(_materialized(model)).SerializeToString()

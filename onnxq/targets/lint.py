@@ -771,11 +771,16 @@ def _weight_input(node: ir.Node) -> tuple[ir.Value | None, ir.Value | None]:
     return None, a
 
 
+# MatMuls that apply a fixed rotation (online Hadamard) are not linear layers.
+_ROTATION_PASSES = ("OnlineHadamardPass", "QuambaPass")
+
+
 def _iter_linears(model: ir.Model) -> Iterable[ir.Node]:
     return (
         n
         for n in model.graph.all_nodes()
         if n.op_type in _GEMMS and n.domain in _STANDARD_DOMAINS
+        and n.metadata_props.get("onnxq.pass") not in _ROTATION_PASSES
     )
 
 
