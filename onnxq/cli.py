@@ -151,13 +151,24 @@ def _print_summary(report: dict[str, Any]) -> None:
               help="feature-extraction (encoders' default), text-classification or "
                    "text-generation (decoders with KV cache; default for *ForCausalLM).")
 @click.option("--opset", type=int, default=21, help="ONNX opset (default 21).")
+@click.option("--kv-bits", type=click.Choice(["8", "4", "2"]), default=None,
+              help="text-generation only: store the KV cache as 8/4/2-bit codes packed in "
+                   "uint8 with per-token group scales (RotateKV).")
+@click.option("--kv-group-size", type=int, default=None,
+              help="Channels per KV quantization group (default 128, or head_dim if smaller).")
 @click.option("--debug", is_flag=True)
-def export(model, output, task, opset, debug) -> None:
+def export(model, output, task, opset, kv_bits, kv_group_size, debug) -> None:
     """Export a Hugging Face MODEL folder (default all-MiniLM-L6-v2) to ONNX."""
     _set_debug({"debug": debug})
     import onnxq
 
     m = onnxq.export(model, task=task, opset=opset)
+    if kv_bits is not None:
+        if m.metadata_props.get("onnxq.task") != "text-generation":
+            raise OnnxqError("--kv-bits needs a text-generation (decoder) model")
+        from onnxq.passes.kv_cache import quantize_kv_cache
+
+        quantize_kv_cache(m, bits=int(kv_bits), group_size=kv_group_size)
     onnxq.save(m, output)
     click.echo(f"onnxq: wrote {output}")
 

@@ -19,6 +19,7 @@ from onnxq.passes.gemm_to_matmul import GemmToMatMulPass
 from onnxq.passes.ffn_scaling import ExplicitChannelScalingPass
 from onnxq.passes.fuse_rms_norm import FuseRMSNormPass
 from onnxq.passes.insert_qdq import InsertQDQPass
+from onnxq.passes.kv_cache import QuantizeKVCachePass
 from onnxq.passes.online_hadamard import OnlineHadamardPass
 from onnxq.passes.rotate_residual import RotateResidualPass
 from onnxq.passes.outlier_suppression_plus import OutlierSuppressionPlusPass
@@ -41,6 +42,7 @@ __all__ = [
     "PerEmbeddingGroupPass",
     "QuambaPass",
     "QuantizeEmbeddingsPass",
+    "QuantizeKVCachePass",
     "RotateResidualPass",
     "SmoothQuantPass",
     "canonicalize",
