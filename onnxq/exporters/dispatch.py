@@ -7,6 +7,7 @@ feature-extraction,    BERT-family encoders                        :func:`export
 text-classification
 text-generation        LLaMA, Qwen2/3, OPT, Mistral (*ForCausalLM)  :func:`export_decoder`
 mamba-step             MambaForCausalLM (one decode step + states)  :func:`export_mamba_step`
+image-classification   ViT, DeiT                                   :func:`export_vit`
 =====================  ==========================================  =====================
 
 ``task="auto"`` picks text-generation for ``*ForCausalLM`` architectures and the
@@ -29,6 +30,8 @@ def guess_task(source: str | os.PathLike[str] | None, task: str = "auto") -> str
     config = _read_config(resolve_model_source(source))
     if config.get("model_type") == "mamba":
         return "mamba-step"
+    if str(config.get("model_type", "")) in ("vit", "deit"):
+        return "image-classification"
     architectures = [str(a) for a in config.get("architectures") or []]
     if any(a.endswith("ForCausalLM") for a in architectures):
         return "text-generation"
@@ -45,6 +48,10 @@ def export_model(
         from onnxq.exporters.mamba import export_mamba_step
 
         return export_mamba_step(source, opset=opset, progress=progress)
+    if task == "image-classification":
+        from onnxq.exporters.vit import export_vit
+
+        return export_vit(source, opset=opset, progress=progress)
     if task == "text-generation":
         from onnxq.exporters.decoder import export_decoder
 
