@@ -688,7 +688,21 @@ def _check_gemm_output_q(node: ir.Node, ctx: _Ctx) -> Iterator[Violation]:
         )
 
 
+def _check_simulation(node: ir.Node, ctx: _Ctx) -> Iterator[Violation]:
+    """Rule ``simulation-only``: nodes that only simulate a quantizer (e.g. TanQ)."""
+    kind = node.metadata_props.get("onnxq.simulation")
+    if kind:
+        yield ctx.violation(
+            "simulation-only",
+            node,
+            f"{node.op_type} is part of a {kind} quantizer simulation, not an INT8 kernel path "
+            f"on {ctx.profile.name}; re-quantize with a uniform 8-bit (or FP16) post-Softmax",
+            severity="warning" if ctx.profile.allow_custom_domains else "error",
+        )
+
+
 _NODE_RULES: tuple[_Rule, ...] = (
+    _check_simulation,
     _check_forbidden,
     _check_qdq_type,
     _check_zero_point,
