@@ -27,7 +27,9 @@ from onnxq.targets.profiles import TARGETS
 __all__ = ["OUTLIER_METHODS", "Recipe", "load_recipe"]
 
 # "auto" picks per site from the calibration statistics.
-OUTLIER_METHODS = ("none", "auto", "smoothquant", "osplus", "osplus-shift", "ffn-scaling", "peg")
+# "hadamard" (QuaRot rotations) is applied by onnxq.llm.convert_decoder (decoders only).
+OUTLIER_METHODS = ("none", "auto", "smoothquant", "osplus", "osplus-shift", "ffn-scaling", "peg",
+                   "hadamard", "mosf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +87,10 @@ class Recipe:
             raise OnnxqError(f"weight bits must be 8 or 4, not {self.weight_bits}")
         if self.batch_size <= 0 or self.seq_len <= 0 or self.validate_samples < 0:
             raise OnnxqError("batch size, sequence length and validate samples must be positive")
+        if self.block_size <= 0:
+            raise OnnxqError(f"block size must be a positive number, not {self.block_size}")
+        if self.opset <= 0:
+            raise OnnxqError(f"opset must be a positive number, not {self.opset}")
 
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
@@ -125,6 +131,10 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise OnnxqError(f"recipe file {path} does not exist") from None
+    except IsADirectoryError:
+        raise OnnxqError(f"recipe file {path} is a folder, not a file") from None
+    except OSError as exc:
+        raise OnnxqError(f"recipe file {path} cannot be read: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise OnnxqError(f"recipe file {path} is not valid TOML: {exc}".splitlines()[0]) from None
     return recipe_from_mapping(data, source=str(path))
