@@ -15,7 +15,7 @@ import dataclasses
 import os
 import pathlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -30,6 +30,9 @@ from onnxq.errors import OnnxqError
 from onnxq.eval.fidelity import Fidelity, collect_outputs, fidelity, first_output
 from onnxq.recipe import Recipe
 from onnxq.targets.profiles import get_target
+
+if TYPE_CHECKING:
+    from onnxq.passes.insert_qdq import QDQResult
 
 __all__ = [
     "ConvertResult",
@@ -47,7 +50,9 @@ load = _io.load
 save = _io.save
 
 
-def export(source: str | os.PathLike | None = None, *, task: str = "auto", opset: int = 21):
+def export(
+    source: str | os.PathLike | None = None, *, task: str = "auto", opset: int = 21
+) -> ir.Model:
     """Export a Hugging Face model folder (or the default model) to an onnx-ir Model.
 
     Args:
@@ -121,8 +126,12 @@ def calibrate(
         return _calibrate(model, data, tensors=tensors, sample_rows=sample_rows, progress=update)
 
 
-def quantize(model: ir.Model, stats: Stats, *, recipe: Recipe | None = None):
-    """Insert Q/DQ into ``model`` (in place) for ``recipe.target`` from ``stats``."""
+def quantize(model: ir.Model, stats: Stats, *, recipe: Recipe | None = None) -> QDQResult:
+    """Insert Q/DQ into ``model`` (in place) for ``recipe.target`` from ``stats``.
+
+    Raises:
+        StatsMismatchError: ``stats`` were computed on another graph.
+    """
     from onnxq.passes.insert_qdq import InsertQDQPass
 
     from onnxq.calibration.stats import graph_fingerprint
@@ -214,9 +223,6 @@ def convert(
             this, move the quantized layer with the worst quantization SQNR to floating
             point (greedily, one layer at a time) and re-validate.
     """
-    from onnxq.eval.report import build_report, write_reports
-    from onnxq.pipeline import apply_outlier_passes
-
     recipe = recipe or Recipe()
     progress = progress or Progress(0)
     target = get_target(recipe.target)
@@ -232,7 +238,26 @@ def convert(
                              progress=progress, source=src_name)
     with progress.stage("canonicalize"):
         prepare(model)
-    fp32_bytes = ir.serde.serialize_model(_materialized(model)).SerializeToString()
+    from onnxq.support import check_supported
+
+    check_supported(model)
+    # A model above the external-data threshold keeps its weights memory-mapped and is
+    # written with external data, even when its INT8 form would fit in one file.
+    big = _io.total_initializer_bytes(model) > _io.EXTERNAL_DATA_THRESHOLD
+    with contextlib.ExitStack() as refs:
+        return _convert_prepared(
+            model, output, refs=refs, big=big, recipe=recipe, calib=calib, tok=tok,
+            stats=stats, progress=progress, text_field=text_field, min_cosine=min_cosine,
+            target=target, source=source,
+        )
+
+
+def _convert_prepared(model, output, *, refs, big, recipe, calib, tok, stats, progress,
+                      text_field, min_cosine, target, source):
+    from onnxq.eval.report import build_report, write_reports
+    from onnxq.pipeline import apply_outlier_passes
+
+    fp32_bytes = _snapshot(model, refs, "fp32")
     cal_data, val_data = _split_data(model, calib, tok, recipe, text_field)
 
     with progress.stage("outlier passes"):
@@ -242,7 +267,7 @@ def convert(
             stats = calibrate(model, cal_data, recipe=recipe, progress=progress)
     prequant = None
     if min_cosine is not None:
-        prequant = ir.serde.serialize_model(_materialized(model)).SerializeToString()
+        prequant = _snapshot(model, refs, "prequant")
     with progress.stage("quantize"):
         qres = quantize(model, stats, recipe=recipe)
     fid = None
@@ -267,7 +292,7 @@ def convert(
     if output is not None:
         out_path = pathlib.Path(output)
         with progress.stage("save"):
-            _io.save(model, out_path)
+            _io.save(model, out_path, external_data=True if big else None)
             report["output"] = _io_sizes(out_path)
             write_reports(report, out_path)
             from onnxq.eval.html import write_html_report
@@ -291,15 +316,13 @@ def _fallback(prequant, fp32_bytes, stats, recipe, val_data, fid, target, qres):
     (worst first). Each step re-quantizes the pre-Q/DQ graph with the same statistics
     and one more layer kept in floating point, and validates again.
     """
-    import onnx
-
     from onnxq.eval.bench import bench
     from onnxq.eval.compare import compare
 
     def fresh() -> ir.Model:
-        return ir.serde.deserialize_model(onnx.load_from_string(prequant))
+        return _restore(prequant)
 
-    fp32_model = ir.serde.deserialize_model(onnx.load_from_string(fp32_bytes))
+    fp32_model = _restore(fp32_bytes)
     first = _quantized_copy(fresh(), stats, recipe)
     subset = [b for _, b in zip(range(2), val_data)]
     errors = compare(fp32_model, first, subset)
@@ -347,21 +370,70 @@ def _materialized(model: ir.Model) -> ir.Model:
     return model
 
 
+# Reference copies of a model (the FP32 graph for validation, the pre-Q/DQ graph for the
+# fallback) above this many bytes of weights go to a temporary folder with external data:
+# a protobuf message cannot exceed 2 GB, and the weights stay memory-mapped.
+_SNAPSHOT_INLINE_LIMIT = 1_500_000_000
+
+
+def _snapshot(model: ir.Model, refs: contextlib.ExitStack, name: str) -> bytes | str:
+    """Serialized ``model`` (bytes), or the path of a temporary copy for large models."""
+    if _io.total_initializer_bytes(model) <= _SNAPSHOT_INLINE_LIMIT:
+        return ir.serde.serialize_model(_materialized(model)).SerializeToString()
+    import tempfile
+
+    folder = refs.enter_context(tempfile.TemporaryDirectory(prefix="onnxq-ref-"))
+    path = os.path.join(folder, f"{name}.onnx")
+    ir.save(model, path, external_data=f"{name}.onnx.data")
+    return path
+
+
+def _restore(snapshot: bytes | str) -> ir.Model:
+    if isinstance(snapshot, bytes):
+        import onnx
+
+        return ir.serde.deserialize_model(onnx.load_from_string(snapshot))
+    return _io.load(snapshot)
+
+
 def _io_sizes(path: pathlib.Path) -> dict[str, Any]:
     data = path.parent / f"{path.name}.data"
     size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
     return {"path": str(path), "bytes": size}
 
 
-def validate(fp32: bytes | ir.Model, model: ir.Model, data, *, progress: Progress | None = None):
-    """Fidelity of ``model`` against the FP32 graph on ``data`` (onnxruntime CPU, optimised)."""
+def validate(
+    fp32: bytes | str | os.PathLike | ir.Model,
+    model: ir.Model,
+    data: Any,
+    *,
+    progress: Progress | None = None,
+) -> Fidelity:
+    """Fidelity of ``model`` against the FP32 graph on ``data`` (onnxruntime CPU, optimised).
+
+    Args:
+        fp32: the FP32 reference: serialized bytes, an ``.onnx`` path, or an onnx-ir Model.
+        model: the (quantized) model to check.
+        data: iterable of feed dicts.
+        progress: unused; accepted for symmetry with the other steps.
+
+    Raises:
+        OnnxqError: the quantized model produced NaN or Inf.
+    """
+    if isinstance(fp32, ir.Model):
+        with make_session(fp32, optimize=True) as ref_sess:
+            return _validate_with(ref_sess, model, data)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if isinstance(fp32, ir.Model):
-        fp32 = ir.serde.serialize_model(fp32).SerializeToString()
+    if isinstance(fp32, os.PathLike):
+        fp32 = os.fspath(fp32)
     ref_sess = ort.InferenceSession(fp32, opts, providers=["CPUExecutionProvider"])
+    return _validate_with(ref_sess, model, data)
+
+
+def _validate_with(ref_sess, model: ir.Model, data: Any) -> Fidelity:
     names = [o.name for o in ref_sess.get_outputs()]
     out = first_output(names)
     batches = list(data)

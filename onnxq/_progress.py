@@ -32,12 +32,15 @@ class Progress:
     def stage(self, name: str) -> Iterator[None]:
         self._say(f"onnxq: {name} ...")
         t0 = time.perf_counter()
+        done = False
         try:
             yield
+            done = True
         finally:
             dt = time.perf_counter() - t0
             self.timings[name] = self.timings.get(name, 0.0) + dt
-            if self.verbosity >= 2:
+            # A failed or interrupted stage is not "done": the error line says what happened.
+            if done and self.verbosity >= 2:
                 print(f"onnxq: {name} done in {dt:.1f} s", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager

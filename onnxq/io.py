@@ -9,10 +9,12 @@ partial output behind.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pathlib
 import shutil
 import tempfile
+import warnings
 
 import onnx
 import onnx_ir as ir
@@ -46,13 +48,100 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise ModelLoadError(f"{p} is not a readable ONNX model ({type(exc).__name__})") from None
     if not proto.graph.node and not proto.graph.output:
         raise ModelLoadError(f"{p} is not a readable ONNX model (no graph)")
+    bad = _non_utf8_string(proto)
+    if bad is not None:
+        raise ModelLoadError(f"{p} is not a readable ONNX model (a {bad} is not UTF-8 text)")
     _check_external_data(proto, p.parent)
+    # onnx-ir logs a warning for each dangling reference and reads on; _check_graph
+    # refuses such graphs with one line instead.
+    serde_log = logging.getLogger("onnx_ir.serde")
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)
     try:
-        model = ir.serde.deserialize_model(proto)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. unknown external-data keys
+            model = ir.serde.deserialize_model(proto)
     except Exception as exc:
         raise ModelLoadError(f"{p} holds an invalid ONNX graph: {exc}".splitlines()[0]) from None
+    finally:
+        serde_log.setLevel(level)
     ir.external_data.set_base_dir(model.graph, p.parent)
+    _check_graph(model, p)
     return model
+
+
+def _non_utf8_string(message) -> str | None:
+    """Name of the first string field holding bytes that are not UTF-8 (protobuf hands
+    those back as ``bytes``), or None. Tensor payloads are not visited."""
+    stack = [message]
+    while stack:
+        msg = stack.pop()
+        for field, value in msg.ListFields():
+            repeated = _is_repeated(field)
+            if field.type == field.TYPE_STRING:
+                values = value if repeated else [value]
+                if any(isinstance(v, bytes) for v in values):
+                    return f"{field.containing_type.name}.{field.name}"
+            elif field.type == field.TYPE_MESSAGE:
+                if repeated:
+                    stack.extend(value)
+                else:
+                    stack.append(value)
+    return None
+
+
+def _is_repeated(field) -> bool:
+    repeated = getattr(field, "is_repeated", None)  # protobuf >= 6 dropped ``label``
+    return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED
+
+
+def _check_graph(model: ir.Model, p: pathlib.Path) -> None:
+    """Refuse what onnx-ir reads leniently: tensors whose data does not fit their shape,
+    node inputs and graph outputs that nothing defines."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            _check_tensor(value.const_value, p)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if not attr.is_ref() and attr.type == ir.AttributeType.TENSOR:
+                _check_tensor(attr.value, p)
+        for value in node.inputs:
+            if value is not None and _undefined(value):
+                raise ModelLoadError(
+                    f"{p} holds an invalid ONNX graph: input {value.name!r} of node "
+                    f"{node.name or node.op_type!r} is not defined"
+                )
+    for value in model.graph.outputs:
+        if _undefined(value):
+            raise ModelLoadError(
+                f"{p} holds an invalid ONNX graph: output {value.name!r} is not defined"
+            )
+
+
+def _undefined(value: ir.Value) -> bool:
+    return (value.producer() is None and not value.is_graph_input()
+            and not value.is_initializer())
+
+
+def _check_tensor(tensor, p: pathlib.Path) -> None:
+    if tensor is None:
+        return
+    name = getattr(tensor, "name", None) or "<unnamed>"
+    try:
+        if isinstance(tensor, ir.ExternalTensor):
+            if tensor.length is not None and tensor.length != tensor.nbytes:
+                raise ValueError(f"{tensor.length} bytes of data for {tensor.nbytes}")
+            end = (tensor.offset or 0) + tensor.nbytes
+            if end > os.path.getsize(tensor.path):
+                raise ValueError(f"its external data ends at {end}, beyond the file")
+        else:
+            tensor.numpy()  # inline data: a view of the protobuf bytes, no copy
+    except Exception as exc:  # onnx-ir raises ValueError/TypeError on bad sizes or types
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(
+            f"{p} holds an invalid ONNX graph: tensor {name!r} does not match its "
+            f"shape and type ({reason})"
+        ) from None
 
 
 def _check_external_data(proto: onnx.ModelProto, base: pathlib.Path) -> None:
@@ -62,14 +151,30 @@ def _check_external_data(proto: onnx.ModelProto, base: pathlib.Path) -> None:
             continue
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
-        target = (base / location).resolve()
-        if not location or not target.is_file():
+        try:
+            target = (base / location).resolve()
+            inside = target.is_relative_to(base.resolve())
+        except (ValueError, OSError):  # NUL bytes, loops, ...
+            target, inside = None, False
+        if location and target is not None and not inside:
+            raise ModelLoadError(
+                f"external data {location!r} of tensor {tensor.name!r} lies outside the "
+                "model's folder"
+            )
+        if not location or target is None or not target.is_file():
             raise ModelLoadError(
                 f"external data {location!r} of tensor {tensor.name!r} not found next to the model"
             )
         size = sizes.setdefault(location, target.stat().st_size)
-        offset = int(info.get("offset", 0) or 0)
-        length = int(info.get("length", 0) or 0)
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info.get("length", 0) or 0)
+        except ValueError:
+            offset = length = -1
+        if offset < 0 or length < 0:
+            raise ModelLoadError(
+                f"external data of tensor {tensor.name!r} has an invalid offset or length"
+            )
         if offset + length > size:
             raise ModelLoadError(
                 f"external data {location!r} is truncated (tensor {tensor.name!r} needs "
