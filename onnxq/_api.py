@@ -74,11 +74,11 @@ def load_source(
 ) -> tuple[ir.Model, pathlib.Path | None]:
     """Load an ONNX file or export a HF model; returns the model and its tokenizer folder."""
     if isinstance(source, ir.Model):
-        tok = source.metadata_props.get("onnxq.tokenizer")
+        tok = _preprocessing_dir(source)
         return source, pathlib.Path(tok) if tok else None
     if _is_onnx_file(source):
         model = _io.load(source)
-        tok = model.metadata_props.get("onnxq.tokenizer")
+        tok = _preprocessing_dir(model)
         folder = pathlib.Path(source).parent
         if (folder / "tokenizer.json").is_file():
             return model, folder
@@ -87,6 +87,16 @@ def load_source(
 
     result = export_model(source, task=task, opset=opset)
     return result.model, result.source
+
+
+def _preprocessing_dir(model: ir.Model) -> str | None:
+    """Folder with the tokenizer (text models) or image processor (vision models)."""
+    meta = model.metadata_props
+    return meta.get("onnxq.tokenizer") or meta.get("onnxq.image_processor")
+
+
+def _is_image_model(model: ir.Model) -> bool:
+    return any(v.name == "pixel_values" for v in model.graph.inputs)
 
 
 def prepare(model: ir.Model) -> ir.Model:
@@ -173,6 +183,26 @@ def _split_data(
 ):
     """Calibration data and disjoint held-out validation data."""
     specs = _data.input_specs(model)
+    if _is_image_model(model):
+        from onnxq.calibration import images
+
+        if calib is None:
+            if tokenizer is None:
+                raise OnnxqError("an image model needs its image processor folder "
+                                 "(preprocessor_config.json); pass --tokenizer FOLDER")
+            cal = images.default_image_batches(specs, processor_dir=tokenizer,
+                                               samples=recipe.samples or 256,
+                                               batch_size=recipe.batch_size, split="calib")
+            val = None
+            if recipe.validate_samples:
+                val = images.default_image_batches(specs, processor_dir=tokenizer,
+                                                   samples=recipe.validate_samples,
+                                                   batch_size=recipe.batch_size,
+                                                   split="heldout")
+            return cal, val
+        return images.split_image_calibration(
+            calib, specs, processor_dir=tokenizer, samples=recipe.samples,
+            validate_samples=recipe.validate_samples, batch_size=recipe.batch_size)
     if calib is None:
         cal = _data.load_calibration(
             None, specs, tokenizer=tokenizer, samples=recipe.samples,
@@ -236,6 +266,14 @@ def convert(
     if is_mamba_step(model):
         return convert_mamba(model, output, recipe=recipe, calib=calib, tokenizer=tok,
                              progress=progress, source=src_name)
+    from onnxq.llm import convert_decoder, is_decoder
+
+    if is_decoder(model):
+        if stats is not None or min_cosine is not None:
+            raise OnnxqError("--stats and --min-cosine are not supported for text-generation "
+                             "decoders yet")
+        return convert_decoder(model, output, recipe=recipe, calib=calib, tokenizer=tok,
+                               progress=progress, text_field=text_field, source=src_name)
     with progress.stage("canonicalize"):
         prepare(model)
     from onnxq.support import check_supported
@@ -274,7 +312,8 @@ def _convert_prepared(model, output, *, refs, big, recipe, calib, tok, stats, pr
     fallback = None
     if val_data is not None:
         with progress.stage("validate"):
-            fid = validate(fp32_bytes, model, val_data, progress=progress)
+            fid = validate(fp32_bytes, model, val_data, progress=progress,
+                           kernels=_validate_with_kernels(target))
         if min_cosine is not None and fid.mean_cosine < min_cosine:
             with progress.stage("fallback"):
                 model, qres, fid, fallback = _fallback(
@@ -339,7 +378,8 @@ def _fallback(prequant, fp32_bytes, stats, recipe, val_data, fid, target, qres):
         keep.append(module)
         model = fresh()
         qres = quantize(model, stats, recipe=recipe.replace(keep_fp=tuple(keep)))
-        fid = validate(fp32_bytes, model, val_data)
+        fid = validate(fp32_bytes, model, val_data,
+                       kernels=_validate_with_kernels(get_target(recipe.target)))
         steps.append({"kept_fp": module, "mean_cosine": fid.mean_cosine})
         if fid.mean_cosine >= target:
             break
@@ -358,6 +398,12 @@ def _fallback(prequant, fp32_bytes, stats, recipe, val_data, fid, target, qres):
     info = {"target_cosine": target, "reached": reached, "kept_fp": keep[len(recipe.keep_fp):],
             "steps": steps, "speed_vs_fully_quantized": speed}
     return model, qres, fid, info
+
+
+def _validate_with_kernels(target) -> bool:
+    """ort-cpu graphs are judged on onnxruntime's integer kernels; TensorRT/Jetson graphs
+    on exact Q/DQ arithmetic (see :func:`validate`)."""
+    return target.name == "ort-cpu"
 
 
 def _quantized_copy(model: ir.Model, stats: Stats, recipe: Recipe) -> ir.Model:
@@ -408,21 +454,27 @@ def validate(
     data: Any,
     *,
     progress: Progress | None = None,
+    kernels: bool = True,
 ) -> Fidelity:
-    """Fidelity of ``model`` against the FP32 graph on ``data`` (onnxruntime CPU, optimised).
+    """Fidelity of ``model`` against the FP32 graph on ``data`` (onnxruntime CPU).
 
     Args:
         fp32: the FP32 reference: serialized bytes, an ``.onnx`` path, or an onnx-ir Model.
         model: the (quantized) model to check.
         data: iterable of feed dicts.
         progress: unused; accepted for symmetry with the other steps.
+        kernels: run the quantized model with onnxruntime's graph optimisations, i.e. its
+            fused integer CPU kernels (what ``ort-cpu`` deploys). False evaluates the exact
+            Q/DQ arithmetic (optimisations off), which is what TensorRT's INT8 GEMMs with
+            int32 accumulation compute; the x86 u8s8 kernels of a CPU without VNNI can
+            saturate 16-bit intermediates and would misstate a TensorRT graph's accuracy.
 
     Raises:
         OnnxqError: the quantized model produced NaN or Inf.
     """
     if isinstance(fp32, ir.Model):
         with make_session(fp32, optimize=True) as ref_sess:
-            return _validate_with(ref_sess, model, data)
+            return _validate_with(ref_sess, model, data, kernels)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -430,16 +482,16 @@ def validate(
     if isinstance(fp32, os.PathLike):
         fp32 = os.fspath(fp32)
     ref_sess = ort.InferenceSession(fp32, opts, providers=["CPUExecutionProvider"])
-    return _validate_with(ref_sess, model, data)
+    return _validate_with(ref_sess, model, data, kernels)
 
 
-def _validate_with(ref_sess, model: ir.Model, data: Any) -> Fidelity:
+def _validate_with(ref_sess, model: ir.Model, data: Any, kernels: bool = True) -> Fidelity:
     names = [o.name for o in ref_sess.get_outputs()]
     out = first_output(names)
     batches = list(data)
     ref, _ = collect_outputs(ref_sess, batches, out)
     del ref_sess
-    with make_session(model, optimize=True) as sess:
+    with make_session(model, optimize=kernels) as sess:
         test, _ = collect_outputs(sess, batches, out)
     if not np.all(np.isfinite(test)):
         raise OnnxqError("the quantized model produced NaN or Inf on the validation data")

@@ -52,7 +52,8 @@ _common = [
                  help="Calibration data: .txt (one sample per line), .jsonl or .npz. "
                       "Default: built-in English text."),
     click.option("--tokenizer", type=click.Path(), default=None,
-                 help="Folder with tokenizer.json (for text calibration of ONNX models)."),
+                 help="Folder with tokenizer.json (text models) or preprocessor_config.json "
+                      "(image models), for calibrating ONNX files that don't record it."),
     click.option("--text-field", type=str, default="text",
                  help="Field holding the text in .jsonl calibration files."),
     click.option("--samples", type=int, default=None, help="Calibration samples (default 256)."),
@@ -91,7 +92,8 @@ def cli() -> None:
 @_with_common
 @click.option("--keep-fp", multiple=True, help="Module path or tensor (glob) to keep in FP32.")
 @click.option("--outliers", multiple=True,
-              help="Outlier methods: auto, none, smoothquant, osplus, osplus-shift, peg.")
+              help="Outlier methods: auto, none, smoothquant, osplus, osplus-shift, "
+                   "ffn-scaling, peg, hadamard (decoders), mosf (ViT).")
 @click.option("--stats", "stats_path", type=click.Path(), default=None,
               help="Statistics file from `onnxq calibrate` (skips calibration).")
 @click.option("--no-validate", is_flag=True, help="Skip the fidelity check.")
@@ -148,8 +150,9 @@ def _print_summary(report: dict[str, Any]) -> None:
 @click.argument("model", required=False)
 @click.option("-o", "--output", type=click.Path(), required=True, help="Output .onnx file.")
 @click.option("--task", type=str, default="auto",
-              help="feature-extraction (encoders' default), text-classification or "
-                   "text-generation (decoders with KV cache; default for *ForCausalLM).")
+              help="feature-extraction (encoders' default), text-classification, "
+                   "text-generation (decoders with KV cache; default for *ForCausalLM) or "
+                   "image-classification (ViT/DeiT).")
 @click.option("--opset", type=int, default=21, help="ONNX opset (default 21).")
 @click.option("--kv-bits", type=click.Choice(["8", "4", "2"]), default=None,
               help="text-generation only: store the KV cache as 8/4/2-bit codes packed in "

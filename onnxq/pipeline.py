@@ -37,17 +37,27 @@ MIGRATION_BATCHES = 4
 MIGRATION_ROWS = 1024
 
 
-def _expand(methods: tuple[str, ...]) -> list[str]:
+def _expand(methods: tuple[str, ...], target: str = "tensorrt") -> list[str]:
     out: list[str] = []
     for m in methods:
         if m == "none":
             continue
         if m == "auto":
-            # The default for per-tensor static W8A8: OS+ at every norm site plus
-            # per-embedding-group splits at FFN inputs with channel outliers (on
-            # all-MiniLM-L6-v2 PEG there beats explicit FFN shift/scale: held-out
-            # cosine 0.996 vs 0.993, see docs/benchmarks.md).
-            out += ["osplus", "peg"]
+            if target == "ort-cpu":
+                # onnxruntime CPU: OS+ only. Its folds cost one Mul+Add per norm site
+                # at run time; PEG's channel Gathers (Gather -> K MatMuls -> Sum at
+                # every FFN down-projection) made the INT8 graph slower than FP32
+                # (0.90x vs 1.9x without them, batch 32 x 128, 2 threads), and the
+                # asymmetric uint8 activations of this target need PEG less: held-out
+                # cosine 0.995 with OS+ alone vs 0.997 with OS+ + PEG
+                # (docs/benchmarks.md, speed section).
+                out += ["osplus"]
+            else:
+                # The default for per-tensor static W8A8: OS+ at every norm site plus
+                # per-embedding-group splits at FFN inputs with channel outliers (on
+                # all-MiniLM-L6-v2 PEG there beats explicit FFN shift/scale: held-out
+                # cosine 0.996 vs 0.993, see docs/benchmarks.md).
+                out += ["osplus", "peg"]
         else:
             out.append(m)
     seen: list[str] = []
@@ -56,6 +66,8 @@ def _expand(methods: tuple[str, ...]) -> list[str]:
             seen.append(m)
     if "osplus" in seen and "osplus-shift" in seen:
         seen.remove("osplus-shift")
+    if "mosf" in seen and ({"osplus", "osplus-shift", "smoothquant"} & set(seen)):
+        raise OnnxqError("mosf folds the same LayerNorm sites as osplus/smoothquant; choose one")
     if "smoothquant" in seen and ("osplus" in seen or "osplus-shift" in seen):
         raise OnnxqError("choose one of smoothquant and osplus for the norm sites, not both")
     return seen
@@ -74,6 +86,10 @@ def outlier_pass_list(methods: list[str], stats, *, symmetric: bool) -> list[ir.
         passes.append(OutlierSuppressionPlusPass(stats=stats, scale=False, symmetric=symmetric))
     if "smoothquant" in methods:
         passes.append(SmoothQuantPass(stats=stats))
+    if "mosf" in methods:
+        from onnxq.passes.mosf import MedianScaleReparamPass
+
+        passes.append(MedianScaleReparamPass(stats=stats, symmetric=symmetric))
     if "ffn-scaling" in methods:
         passes.append(ExplicitChannelScalingPass(stats=stats, symmetric=symmetric))
     if "peg" in methods:
@@ -120,7 +136,13 @@ def apply_outlier_passes(
 
     Returns a JSON-serialisable description of what was applied per site.
     """
-    methods = _expand(recipe.outliers)
+    image = any(v.name == "pixel_values" for v in model.graph.inputs)
+    if image and "auto" in recipe.outliers:
+        # Vision transformers: DopQ-ViT's MOSF at the LayerNorm sites (tiny ViT W8A8:
+        # cosine 0.952 -> 0.999, docs/benchmarks.md) plus PEG at outlier FFN inputs.
+        recipe = recipe.replace(outliers=tuple("mosf" if m == "auto" else m
+                                               for m in recipe.outliers) + ("peg",))
+    methods = _expand(recipe.outliers, recipe.target)
     if not methods:
         return {"methods": [], "sites": []}
     tensors = _site_tensors(model)

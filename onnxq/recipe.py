@@ -93,6 +93,7 @@ class Recipe:
             raise OnnxqError(f"opset must be a positive number, not {self.opset}")
 
     def replace(self, **changes: Any) -> Recipe:
+        """A copy with ``changes`` applied (validated like a new Recipe)."""
         return dataclasses.replace(self, **changes)
 
 

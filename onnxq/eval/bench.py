@@ -87,10 +87,12 @@ def _check_path(path: str | os.PathLike) -> pathlib.Path:
     return p
 
 
-def _session(path: pathlib.Path, threads: int):
+def _session(path: pathlib.Path, threads: int, session_options=None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    for key, value in (session_options or {}).items():
+        opts.add_session_config_entry(key, str(value))
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     opts.inter_op_num_threads = 1
@@ -141,6 +143,7 @@ def bench(
     repeat: int = 10,
     seconds: float | None = None,
     seed: int = 0,
+    session_options: dict[str, str] | None = None,
 ) -> list[BenchResult]:
     """Time ``paths`` interleaved on onnxruntime CPU; ratios are against ``paths[0]``.
 
@@ -154,6 +157,9 @@ def bench(
         seconds: if given, keep running rounds until this much time has been spent
             measuring (at least 2 rounds); ``repeat`` is then ignored.
         seed: seed of the synthesized float inputs.
+        session_options: onnxruntime session config entries for every session, e.g.
+            ``{"session.intra_op.allow_spinning": "0"}`` (worth it when other jobs
+            share the cores: spinning workers then steal time from each other).
 
     Raises:
         OnnxqError: a path is missing or not loadable, or an option is out of range.
@@ -169,7 +175,7 @@ def bench(
     if seconds is not None and seconds <= 0:
         raise OnnxqError("seconds must be positive")
     checked = [_check_path(p) for p in paths]
-    sessions = [_session(p, threads) for p in checked]
+    sessions = [_session(p, threads, session_options) for p in checked]
     feeds = []
     outputs = []
     for p, s in zip(checked, sessions):

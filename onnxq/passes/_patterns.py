@@ -32,7 +32,7 @@ __all__ = [
 
 # Ops that only move or mask data between a Softmax and the P.V MatMul or between the
 # score MatMul and the Softmax.
-_PASS_THROUGH = {"Where", "Cast", "Mul", "Div", "Add", "Identity", "Reshape", "Transpose"}
+_PASS_THROUGH = {"Where", "Cast", "Mul", "Div", "Add", "Identity", "Reshape", "Transpose", "Clip"}
 
 
 def is_const(value: ir.Value | None) -> bool:

@@ -83,7 +83,12 @@ def quantize_weight_per_channel(w: np.ndarray, bits: int = 8) -> tuple[np.ndarra
     qmax = 2 ** (bits - 1) - 1
     amax = np.abs(w).max(axis=0).astype(np.float64)
     scale = np.maximum(amax / qmax, np.finfo(np.float32).tiny).astype(np.float32)
-    w_q = np.clip(np.rint(w.astype(np.float64) / scale.astype(np.float64)), -qmax, qmax)
+    # In place on one float64 copy: a weight of several hundred MB is not duplicated
+    # once per operation.
+    w_q = w.astype(np.float64)
+    w_q /= scale.astype(np.float64)
+    np.rint(w_q, out=w_q)
+    np.clip(w_q, -qmax, qmax, out=w_q)
     return w_q.astype(np.int8), scale
 
 
@@ -203,6 +208,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
             consumer.replace_input_with(idx, dq)
             result.modified = True
 
+        if self.quantize_attention and self.target.fold_attention_scale:
+            result.modified |= self._fold_attention_scales(graph, namer) > 0
+
         # Float weights that no longer have users are dropped.
         for name, value in list(graph.initializers.items()):
             if not value.uses() and not value.is_graph_output() and id(value) in weight_dq:
@@ -223,6 +231,47 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     # -- helpers ---------------------------------------------------------------------------
 
+    def _fold_attention_scales(self, graph: ir.Graph, namer: _Namer) -> int:
+        """Fold ``MatMul(DQ(q), DQ(k)) -> Mul(c > 0)`` into the K-side DQ scale.
+
+        ``DQ(k; s, z) * c == DQ(k; s * c, z)``, so the scores are unchanged up to float
+        rounding; the K-side DQ is dedicated to this MatMul (one DQ per consumer).
+        """
+        folded = 0
+        for att in find_attention_matmuls(graph):
+            mm = att.node
+            if att.kind != "qk" or len(mm.outputs[0].uses()) != 1 or mm.outputs[0].is_graph_output():
+                continue
+            dq = mm.inputs[1].producer() if mm.inputs[1] is not None else None
+            if (dq is None or dq.op_type != "DequantizeLinear"
+                    or dq.metadata_props.get("onnxq.pass") != PASS_TAG
+                    or len(dq.outputs[0].uses()) != 1):
+                continue
+            mul = next(iter(mm.outputs[0].uses())).node
+            if mul.op_type != "Mul" or len(mul.inputs) != 2 or mul.outputs[0].is_graph_output():
+                continue
+            other = mul.inputs[1] if mul.inputs[0] is mm.outputs[0] else mul.inputs[0]
+            c = const_array(other)
+            scale = const_array(dq.inputs[1])
+            if c is None or c.size != 1 or not float(c.reshape(())) > 0 or scale is None:
+                continue
+            new_scale = (scale.astype(np.float64) * float(c.reshape(()))).astype(np.float32)
+            base = dq.inputs[1].name or "attention"
+            s_val = _initializer(graph, namer(f"{base}_folded_scale"), new_scale)
+            dq.replace_input_with(1, s_val)
+            mul.outputs[0].replace_all_uses_with(mm.outputs[0])
+            out_name = mul.outputs[0].name
+            graph.remove(mul, safe=True)
+            if out_name:  # keep the scores' name for reports and taps
+                old = mm.outputs[0].name
+                mm.outputs[0].name = out_name
+                if old:
+                    namer.used.add(old)
+            folded += 1
+        if folded:
+            logger.info("Folded %s attention score scales into K-side DequantizeLinear", folded)
+        return folded
+
     def _quantize_activation(
         self, graph: ir.Graph, consumer: ir.Node, value: ir.Value, kind: str, namer: _Namer
     ) -> tuple[ir.Value, QuantizedTensor]:
@@ -234,6 +283,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
             )
         method = self.methods.get(name, self.method)
         lo, hi = self.stats.range(name, method)
+        if kind == "attention-pv" and _is_unit_clip(value):
+            # A clipped softmax (Bondarenko et al. 2023) is exactly in [0, 1] with true
+            # zeros and ones: a fixed grid, independent of the calibration data.
+            lo, hi, method = 0.0, 1.0, "fixed[0,1]"
         scale, zp = qparams(
             lo, hi, dtype=self.target.activation_dtype, symmetric=self.target.activation_symmetric
         )
@@ -281,7 +334,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         blocked = self._int4_block(w.shape[0])
         if blocked:
             return self._quantize_weight_int4(graph, consumer, value, w, name, namer, blocked)
-        w_q, scale = quantize_weight_per_channel(w.astype(np.float32))
+        w_q, scale = quantize_weight_per_channel(w.astype(np.float32, copy=False))
         if not self.target.weight_per_channel:
             scale = np.array(scale.max(), dtype=np.float32)
             w_q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
@@ -334,6 +387,15 @@ class InsertQDQPass(ir.passes.InPlacePass):
         dq_out.shape = ir.Shape(list(w.shape))
         graph.insert_before(consumer, [dq])
         return dq_out
+
+
+def _is_unit_clip(value: ir.Value) -> bool:
+    """True if ``value`` is ``Clip(x, 0, 1)``."""
+    node = value.producer()
+    if node is None or node.op_type != "Clip" or len(node.inputs) < 3:
+        return False
+    lo, hi = const_array(node.inputs[1]), const_array(node.inputs[2])
+    return lo is not None and hi is not None and float(lo) == 0.0 and float(hi) == 1.0
 
 
 def quantize_weight_blocked_int4(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:

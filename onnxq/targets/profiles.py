@@ -45,6 +45,11 @@ class TargetProfile:
             point or ``output_dtype`` (TensorRT defaults to int8 where ONNX defaults to uint8).
         allow_gemm_output_q: a QuantizeLinear directly on a MatMul/Gemm output is acceptable even
             when its consumers are not quantized GEMMs.
+        fold_attention_scale: fold a positive scalar ``Mul`` right after a quantized Q·Kᵀ
+            MatMul (the 1/sqrt(d) softmax scale) into the scale of the K-side
+            DequantizeLinear. onnxruntime CPU fuses the FP32 MatMul+Mul into one
+            FusedMatMul; after quantization the Mul would otherwise run as a separate
+            pass over the [batch, heads, seq, seq] scores.
     """
 
     name: str
@@ -63,6 +68,7 @@ class TargetProfile:
     allow_custom_domains: bool = True
     require_explicit_qdq_type: bool = False
     allow_gemm_output_q: bool = True
+    fold_attention_scale: bool = False
 
 
 _TRT_FORBID = (
@@ -89,6 +95,7 @@ TARGETS: dict[str, TargetProfile] = {
         max_opset=23,
         quantize_attention_matmuls=True,
         allowed_qdq_types=("int8", "uint8", "int32", "int4", "uint4"),
+        fold_attention_scale=True,
     ),
     "tensorrt": TargetProfile(
         name="tensorrt",
