@@ -47,9 +47,9 @@ def _expand(methods: tuple[str, ...], target: str = "tensorrt") -> list[str]:
                 # onnxruntime CPU: OS+ only. Its folds cost one Mul+Add per norm site
                 # at run time; PEG's channel Gathers (Gather -> K MatMuls -> Sum at
                 # every FFN down-projection) made the INT8 graph slower than FP32
-                # (0.90x vs 1.9x without them, batch 32 x 128, 2 threads), and the
-                # asymmetric uint8 activations of this target need PEG less: held-out
-                # cosine 0.995 with OS+ alone vs 0.997 with OS+ + PEG
+                # (0.9-1.1x FP32 speed vs 1.5-1.8x without them, batch 32 x 128,
+                # 2 threads), and the asymmetric uint8 activations of this target need
+                # PEG less: held-out cosine 0.995 with OS+ alone vs 0.997 with OS+ + PEG
                 # (docs/benchmarks.md, speed section).
                 out += ["osplus"]
             else:

@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""Speed of `onnxq convert --target ort-cpu` on all-MiniLM-L6-v2 vs FP32 and quantize_dynamic.
+
+All graphs are timed **interleaved in one run** (onnxq.eval.bench, FP32 first), at
+batch 32 x 128 and at batch 1 x 128, so the ratios survive machine drift and
+noisy neighbours. Fidelity: pooled-embedding cosine vs FP32 on the held-out split
+of the built-in text (256 samples). Op counts come from the graph onnxruntime
+optimizes (``optimized_model_filepath``).
+
+Rows:
+
+* ``fp32``: the FP32 graph (onnxq export + canonicalize);
+* ``ort-dynamic``: onnxruntime ``quantize_dynamic`` (QInt8 weights) of that graph;
+* ``onnxq ort-cpu``: ``onnxq convert --target ort-cpu`` (default outliers ``auto``);
+* ``onnxq ort-cpu +peg``: the same with ``--outliers osplus,peg`` (PEG channel splits,
+  the tensorrt default) to show what they cost on CPU;
+* ``onnxq ort-cpu none``: no outlier pass;
+* ``onnxq ort-cpu fp-attn``: attention MatMuls left in float.
+
+    python tools/bench_speed.py                 # ~10 minutes on 2 cores
+    python tools/bench_speed.py --write-docs    # also updates docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+START, END = "<!-- speed:start -->", "<!-- speed:end -->"
+
+# name -> (description, Recipe overrides) for onnxq rows
+ONNXQ_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "onnxq ort-cpu": ("`onnxq convert --target ort-cpu` (default `--outliers auto`)", {}),
+    "onnxq ort-cpu +peg": ("same with `--outliers osplus,peg` (PEG splits at FFN inputs)",
+                           {"outliers": ("osplus", "peg")}),
+    "onnxq ort-cpu none": ("same with `--outliers none`", {"outliers": ("none",)}),
+    "onnxq ort-cpu fp-attn": ("default, attention MatMuls (QK^T, PV) left in float",
+                              {"quantize_attention": False}),
+}
+
+
+def _prepare(work: pathlib.Path) -> tuple[pathlib.Path, str]:
+    import onnxq
+
+    fp32 = work / "fp32.onnx"
+    meta = work / "fp32.json"
+    if not fp32.exists() or not meta.exists():
+        model, tok = onnxq.load_source(None)
+        onnxq.prepare(model)
+        onnxq.save(model, fp32)
+        meta.write_text(json.dumps({"tokenizer": str(tok)}))
+    return fp32, json.loads(meta.read_text())["tokenizer"]
+
+
+def _child(spec: dict[str, Any]) -> dict[str, Any]:
+    out = pathlib.Path(spec["out"])
+    if spec["kind"] == "dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(spec["fp32"], str(out), weight_type=QuantType.QInt8)
+    else:
+        import onnxq
+        from onnxq.recipe import Recipe
+
+        kw = dict(spec["recipe"])
+        if "outliers" in kw:
+            kw["outliers"] = tuple(kw["outliers"])
+        onnxq.convert(None, out, recipe=Recipe(target="ort-cpu", validate_samples=0, **kw))
+    return {"ok": True}
+
+
+def _build(name: str, spec: dict[str, Any]) -> str | None:
+    if pathlib.Path(spec["out"]).exists():
+        return None
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return (proc.stderr.strip().splitlines() or ["?"])[-1]
+    return None
+
+
+def _session(path, threads, optimized=None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    if optimized is not None:
+        so.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _ops(path: pathlib.Path) -> str:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    c = collections.Counter(n.op_type for n in m.graph.node)
+    keys = ("MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMul",
+            "FusedMatMul", "QuantizeLinear", "DynamicQuantizeLinear", "DequantizeLinear",
+            "SkipLayerNormalization", "BiasGelu", "Gelu", "Gather", "Sum")
+    return ", ".join(f"{k} {c[k]}" for k in keys if c[k])
+
+
+def _fidelity(paths: dict[str, pathlib.Path], fp32: pathlib.Path, tok: str, threads: int,
+              work: pathlib.Path) -> dict[str, dict[str, Any]]:
+    import onnxq
+    from onnxq.calibration.data import input_specs, load_calibration
+    from onnxq.eval.fidelity import collect_outputs, fidelity, first_output
+
+    data = list(load_calibration(None, input_specs(onnxq.load(fp32)), tokenizer=tok,
+                                 samples=256, batch_size=32, seq_len=128, split="heldout"))
+    ref_s = _session(fp32, threads)
+    out = first_output([o.name for o in ref_s.get_outputs()])
+    ref, _ = collect_outputs(ref_s, data, out)
+    res = {}
+    opt_dir = work / "optimized"
+    opt_dir.mkdir(exist_ok=True)
+    for name, p in paths.items():
+        opt = opt_dir / p.name
+        test, _ = collect_outputs(_session(p, threads, optimized=opt), data, out)
+        f = fidelity(ref, test, output=out)
+        res[name] = {"mean_cos": f.mean_cosine, "min_cos": f.min_cosine,
+                     "recall": f.recall_at_10, "ops": _ops(opt)}
+    return res
+
+
+def _versions() -> str:
+    import numpy
+    import onnx
+    import onnxruntime
+
+    return (f"Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}, "
+            f"onnx {onnx.__version__}, numpy {numpy.__version__}")
+
+
+def _cpu() -> str:
+    try:
+        info = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                  if ln.startswith("model name")), platform.machine())
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines()
+                  if ln.startswith("flags")), [])
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]
+    return f"{model} ({', '.join(isa) or 'no AVX2'}), {info.count('processor')} logical cores"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=pathlib.Path, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=20, help="timed rounds at batch 32")
+    ap.add_argument("--repeat1", type=int, default=150, help="timed rounds at batch 1")
+    ap.add_argument("--rows", default="onnxq ort-cpu,onnxq ort-cpu +peg,onnxq ort-cpu none",
+                    help=f"onnxq rows to build, comma-separated, from: {', '.join(ONNXQ_ROWS)}")
+    ap.add_argument("--session-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="onnxruntime session config entry for every timed session")
+    ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))))
+        return
+    from onnxq.eval.bench import bench, format_table
+
+    work = args.work or pathlib.Path(tempfile.gettempdir()) / "onnxq-bench-speed"
+    work.mkdir(parents=True, exist_ok=True)
+    fp32, tok = _prepare(work)
+    paths = {"fp32": fp32}
+    desc = {"fp32": "FP32 graph (onnxq export + canonicalize)",
+            "ort-dynamic": "onnxruntime `quantize_dynamic`, QInt8 weights"}
+    errors = {}
+    specs = {"ort-dynamic": {"kind": "dynamic", "fp32": str(fp32), "out": str(work / "dyn.onnx")}}
+    for name in [r for r in args.rows.split(",") if r]:
+        d, kw = ONNXQ_ROWS[name]
+        desc[name] = d
+        slug = name.replace(" ", "_").replace("+", "p")
+        specs[name] = {"kind": "onnxq", "recipe": kw, "out": str(work / f"{slug}.onnx")}
+    for name, spec in specs.items():
+        err = _build(name, spec)
+        print(f"built {name}: {err or 'ok'}", flush=True)
+        if err:
+            errors[name] = err
+        else:
+            paths[name] = pathlib.Path(spec["out"])
+    fid = _fidelity(paths, fp32, tok, args.threads, work)
+    names = list(paths)
+    files = [str(paths[n]) for n in names]
+    sopts = dict(kv.split("=", 1) for kv in args.session_option)
+    r32 = bench(files, batch=32, seq_len=128, threads=args.threads, warmup=2, repeat=args.repeat,
+                session_options=sopts)
+    t32 = format_table(r32, names=names)
+    print(t32, flush=True)
+    r1 = bench(files, batch=1, seq_len=128, threads=args.threads, warmup=10, repeat=args.repeat1,
+               session_options=sopts)
+    t1 = format_table(r1, names=names)
+    print(t1, flush=True)
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cmd = "python tools/bench_speed.py " + " ".join(a for a in sys.argv[1:])
+    lines = [
+        "## INT8 speed on onnxruntime CPU (`tools/bench_speed.py`)",
+        "",
+        f"- Date: {now}; {_cpu()}",
+        f"- Versions: {_versions()}",
+        f"- Command: `{cmd.strip()}`",
+        f"- Session: ORT_ENABLE_ALL, {args.threads} intra-op threads, config entries "
+        f"{sopts or 'none'}. "
+        "All graphs interleaved in one run per batch size (FP32 first); \"vs FP32\" = "
+        "FP32 median / this median. Cosine: pooled embeddings vs FP32 on the held-out "
+        "split (256 samples). Op counts after onnxruntime's optimisation.",
+        "",
+        "| graph | mean cos | min cos | recall@10 | b32 ms | b32 vs FP32 | b1 ms | b1 vs FP32 "
+        "| ops after ORT optimisation |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for n, a, b in zip(names, r32, r1):
+        f = fid[n]
+        lines.append(f"| {n} | {f['mean_cos']:.4f} | {f['min_cos']:.4f} | {f['recall']:.3f} | "
+                     f"{a.median_ms:.0f} | {a.speedup:.2f}x | {b.median_ms:.1f} | "
+                     f"{b.speedup:.2f}x | {f['ops']} |")
+    lines.append("")
+    lines += [f"- **{n}**: {desc[n]}" for n in names]
+    lines += [f"- **{n}**: failed: {e}" for n, e in errors.items()]
+    lines += ["", "Interleaved runs:", "", "```", t32, "", t1, "```"]
+    md = "\n".join(lines)
+    print(md)
+    (work / "speed.md").write_text(md)
+    if args.write_docs:
+        doc = REPO / "docs" / "benchmarks.md"
+        text = doc.read_text()
+        if START in text and END in text:
+            text = text[: text.index(START) + len(START)] + "\n" + md + "\n" + text[text.index(END):]
+        else:
+            text = text.rstrip("\n") + f"\n\n{START}\n{md}\n{END}\n"
+        doc.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
