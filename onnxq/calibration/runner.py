@@ -12,6 +12,7 @@ number of samples.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 import pathlib
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -153,20 +154,39 @@ def calibrate(
     per_channel = {n: _static_last_dim(values[n]) for n in names}
     input_names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
     samples = 0
-    with make_session(clone) as sess:
-        for feed in data:
-            missing_inputs = [n for n in input_names if n not in feed]
-            if missing_inputs:
-                raise CalibrationDataError(
-                    f"calibration data has no input {missing_inputs[0]!r} "
-                    f"(model inputs: {', '.join(input_names)})"
-                )
-            feed = {k: v for k, v in feed.items() if k in input_names}
-            try:
-                outs = sess.run(names, feed)
-            except Exception as exc:  # onnxruntime raises on dtype/shape mismatches
-                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise CalibrationDataError(f"calibration batch does not fit the model: {msg}")
+    def checked(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing_inputs = [n for n in input_names if n not in feed]
+        if missing_inputs:
+            raise CalibrationDataError(
+                f"calibration data has no input {missing_inputs[0]!r} "
+                f"(model inputs: {', '.join(input_names)})"
+            )
+        return {k: v for k, v in feed.items() if k in input_names}
+
+    def run(sess, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return sess.run(names, feed)
+        except Exception as exc:  # onnxruntime raises on dtype/shape mismatches
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CalibrationDataError(f"calibration batch does not fit the model: {msg}")
+
+    # onnxruntime releases the GIL while it runs, so the next batch runs on a worker
+    # thread while this one feeds the observers: at most two batches of tapped
+    # activations are alive at once, whatever the number of samples.
+    with make_session(clone) as sess, ThreadPoolExecutor(max_workers=1) as pool:
+        batches = iter(data)
+        first = next(batches, None)
+        pending = None if first is None else (checked(first), None)
+        if pending is not None:
+            pending = (pending[0], pool.submit(run, sess, pending[0]))
+        while pending is not None:
+            feed, future = pending
+            outs = future.result()
+            nxt = next(batches, None)
+            pending = None
+            if nxt is not None:
+                nfeed = checked(nxt)
+                pending = (nfeed, pool.submit(run, sess, nfeed))
             mask = feed.get("attention_mask")
             for n, arr in zip(names, outs):
                 row_mask = _row_mask(arr, mask) if per_channel[n] else None
@@ -179,6 +199,7 @@ def calibrate(
                     raise CalibrationDataError(
                         f"calibration activation {n!r}{where}: {exc}".splitlines()[0]
                     ) from None
+            del outs
             batch = next(iter(feed.values())).shape[0] if feed else 0
             samples += batch
             if progress is not None:
