@@ -434,8 +434,13 @@ def decoder_fidelity(reference: Any, model: Any, sequences: np.ndarray, prefill_
     from onnxq.eval.fidelity import fidelity
     from onnxq.runtime import DecoderSession, teacher_forced_logits
 
+    session_cls = DecoderSession
+    if isinstance(model, ir.Model) and model.metadata_props.get("onnxq.kv_cache"):
+        from onnxq.runtime.kv import QuantizedKVSession
+
+        session_cls = QuantizedKVSession
     ref = teacher_forced_logits(DecoderSession(reference), sequences, prefill_len)
-    test = teacher_forced_logits(DecoderSession(model), sequences, prefill_len)
+    test = teacher_forced_logits(session_cls(model), sequences, prefill_len)
     vocab = ref.shape[-1]
     ref, test = ref.reshape(-1, vocab), test.reshape(-1, vocab)
     if not np.all(np.isfinite(test)):
@@ -526,6 +531,17 @@ def convert_decoder(
         stats = calibrate(model, feeds, recipe=recipe_q, progress=progress)
     with progress.stage("quantize"):
         qres = quantize(model, stats, recipe=recipe_q)
+    kv_bits = getattr(recipe, "kv_bits", None)
+    kv_report = None
+    if kv_bits:
+        from onnxq.passes.kv_cache import quantize_kv_cache
+
+        with progress.stage("kv cache"):
+            res = quantize_kv_cache(model, bits=kv_bits,
+                                    group_size=getattr(recipe, "kv_group_size", None),
+                                    calibration=list(seqs.calib[:8]))
+            kv_report = {"bits": kv_bits, "metadata": model.metadata_props.get("onnxq.kv_cache"),
+                         "modified": bool(getattr(res, "modified", True))}
     lowered = None
     if _opset(model) > target.max_opset:
         with progress.stage("lower opset"):
@@ -538,6 +554,8 @@ def convert_decoder(
         model=model, recipe=recipe_q, target=target, qdq=qres, fidelity=fid,
         outliers=outlier_report, timings=progress.timings, stats=stats, source=source,
     )
+    if kv_report is not None:
+        report["kv_cache"] = kv_report
     report["decoder"] = {
         "opset": _opset(model),
         "opset_raised_from": original_opset,
