@@ -160,7 +160,7 @@ def quantize(model: ir.Model, stats: Stats, *, recipe: Recipe | None = None) -> 
     if recipe.int8_embeddings:
         from onnxq.passes.quantize_embeddings import QuantizeEmbeddingsPass
 
-        result.embeddings = QuantizeEmbeddingsPass()(model).tables
+        result.embeddings = QuantizeEmbeddingsPass(bits=recipe.embedding_bits)(model).tables
     return result
 
 

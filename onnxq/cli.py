@@ -27,7 +27,8 @@ def _recipe(ctx_opts: dict[str, Any]):
     base = load_recipe(ctx_opts["recipe"]) if ctx_opts.get("recipe") else Recipe()
     changes: dict[str, Any] = {}
     for key in ("target", "method", "samples", "batch_size", "seq_len", "opset", "weight_bits",
-                "block_size"):
+                "kv_bits", "kv_group_size",
+                "embedding_bits", "block_size"):
         if ctx_opts.get(key) is not None:
             changes[key] = ctx_opts[key]
     if ctx_opts.get("keep_fp"):
@@ -64,6 +65,8 @@ _common = [
     click.option("--recipe", type=click.Path(), default=None, help="TOML recipe file."),
     click.option("--weight-bits", type=int, default=None,
                  help="8 (default) or 4: blocked int4 linear weights (W4A8, opset 21)."),
+    click.option("--embedding-bits", type=int, default=None,
+                 help="8 (default) or 4: int4 embedding rows packed two per byte (opset 18+)."),
     click.option("--block-size", type=int, default=None, help="Rows per int4 weight block (128)."),
     click.option("--opset", type=int, default=None, help="Opset for export (default 21)."),
     click.option("--task", type=str, default="auto",
@@ -97,6 +100,10 @@ def cli() -> None:
 @click.option("--stats", "stats_path", type=click.Path(), default=None,
               help="Statistics file from `onnxq calibrate` (skips calibration).")
 @click.option("--no-validate", is_flag=True, help="Skip the fidelity check.")
+@click.option("--kv-bits", type=int, default=None,
+              help="text-generation only: also store the KV cache as 8/4/2-bit codes (RotateKV).")
+@click.option("--kv-group-size", type=int, default=None,
+              help="Channels per KV quantization group (default 128, or head_dim if smaller).")
 @click.option("--min-cosine", type=float, default=None,
               help="Accuracy-driven fallback: keep the worst layers in floating point until "
                    "the held-out mean cosine vs FP32 reaches this value.")

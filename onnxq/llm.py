@@ -531,14 +531,14 @@ def convert_decoder(
         stats = calibrate(model, feeds, recipe=recipe_q, progress=progress)
     with progress.stage("quantize"):
         qres = quantize(model, stats, recipe=recipe_q)
-    kv_bits = getattr(recipe, "kv_bits", None)
+    kv_bits = recipe.kv_bits
     kv_report = None
     if kv_bits:
         from onnxq.passes.kv_cache import quantize_kv_cache
 
         with progress.stage("kv cache"):
             res = quantize_kv_cache(model, bits=kv_bits,
-                                    group_size=getattr(recipe, "kv_group_size", None),
+                                    group_size=recipe.kv_group_size,
                                     calibration=list(seqs.calib[:8]))
             kv_report = {"bits": kv_bits, "metadata": model.metadata_props.get("onnxq.kv_cache"),
                          "modified": bool(getattr(res, "modified", True))}

@@ -48,8 +48,11 @@ class Recipe:
         validate_samples: held-out samples used to measure fidelity.
         opset: opset for exports.
         int8_embeddings: store large embedding tables as int8 rows.
+        embedding_bits: 8, or 4 for int4 embedding rows packed two per byte.
         weight_bits: 8, or 4 for blocked int4 linear weights (W4A8; opset 21).
         block_size: rows per int4 weight block.
+        kv_bits: decoders only: store the KV cache as 8/4/2-bit codes (RotateKV).
+        kv_group_size: channels per KV quantization group (None: 128 or head_dim).
     """
 
     target: str = "tensorrt"
@@ -63,6 +66,9 @@ class Recipe:
     validate_samples: int = 256
     opset: int = 21
     int8_embeddings: bool = True
+    embedding_bits: int = 8
+    kv_bits: int | None = None
+    kv_group_size: int | None = None
     weight_bits: int = 8
     block_size: int = 128
 
@@ -85,8 +91,14 @@ class Recipe:
             raise OnnxqError("samples must be a positive number")
         if self.weight_bits not in (4, 8):
             raise OnnxqError(f"weight bits must be 8 or 4, not {self.weight_bits}")
+        if self.embedding_bits not in (4, 8):
+            raise OnnxqError(f"embedding bits must be 8 or 4, not {self.embedding_bits}")
         if self.batch_size <= 0 or self.seq_len <= 0 or self.validate_samples < 0:
             raise OnnxqError("batch size, sequence length and validate samples must be positive")
+        if self.kv_bits is not None and self.kv_bits not in (2, 4, 8):
+            raise OnnxqError(f"KV-cache bits must be 8, 4 or 2, not {self.kv_bits}")
+        if self.kv_group_size is not None and self.kv_group_size <= 0:
+            raise OnnxqError("KV-cache group size must be positive")
         if self.block_size <= 0:
             raise OnnxqError(f"block size must be a positive number, not {self.block_size}")
         if self.opset <= 0:
@@ -113,7 +125,7 @@ def recipe_from_mapping(data: Mapping[str, Any], *, source: str = "recipe") -> R
                 raise OnnxqError(f"{source}: {key} must be a list of strings")
             value = tuple(value)
         elif key in ("samples", "batch_size", "seq_len", "validate_samples", "opset",
-                     "weight_bits", "block_size"):
+                     "weight_bits", "embedding_bits", "block_size", "kv_bits", "kv_group_size"):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise OnnxqError(f"{source}: {key} must be an integer")
         elif key in ("quantize_attention", "int8_embeddings"):

@@ -76,3 +76,100 @@ def test_contract_small_tables_untouched_and_idempotent():
     once = to_proto(big).SerializeToString(deterministic=True)
     assert not QuantizeEmbeddingsPass(min_elements=1000)(big).modified
     assert to_proto(big).SerializeToString(deterministic=True) == once
+
+
+# ---- 4-bit packed rows ------------------------------------------------------------
+
+from onnxq.passes.quantize_embeddings import pack_int4_rows, quantize_rows_int4  # noqa: E402
+
+
+def _int4_reference(table, ids):
+    """numpy per-row symmetric int4 dequantization of the looked-up rows."""
+    amax = np.abs(table).max(axis=1).astype(np.float64)
+    s = np.maximum(amax / 7.0, np.finfo(np.float32).tiny).astype(np.float32)
+    q = np.clip(np.rint(table / s[:, None].astype(np.float64)), -7, 7)
+    return q[ids].astype(np.float32) * s[ids][..., None], s
+
+
+def test_int4_structure_and_size():
+    model, table = _model()
+    res = QuantizeEmbeddingsPass(min_elements=1000, bits=4)(model)
+    assert res.modified and res.tables == ["emb.weight"] and res.bits == 4
+    assert "emb.weight" not in model.graph.initializers
+    floats = [v for v in model.graph.initializers.values()
+              if v.const_value.numpy().dtype == np.float32 and v.const_value.numpy().ndim == 2]
+    assert not floats  # no float table left
+    p = model.graph.initializers["emb.weight_quantized_int4"].const_value.numpy()
+    assert p.dtype == np.uint8 and p.shape == (300, 128)
+    lo, hi = p & 15, p >> 4
+    assert lo.min() >= 1 and hi.min() >= 1 and lo.max() <= 15 and hi.max() <= 15
+    q, _ = quantize_rows_int4(table)
+    np.testing.assert_array_equal(lo.astype(np.int8) - 8, q[:, 0::2])
+    np.testing.assert_array_equal(hi.astype(np.int8) - 8, q[:, 1::2])
+    counts = op_counts(model)
+    assert counts["BitwiseAnd"] == 1 and counts["BitShift"] == 1
+    # the packed table is gathered by ids directly: only looked-up rows are unpacked
+    (gq,) = [n for n in model.graph
+             if n.op_type == "Gather" and n.inputs[0].name == "emb.weight_quantized_int4"]
+    assert gq.inputs[1].name == "ids"
+    onnx.checker.check_model(to_proto(model), full_check=True)
+
+
+def test_int4_numerics_exact_vs_numpy_reference_opt_off_and_on():
+    ids = np.array([[0, 5, 7, 299], [1, 2, 5, 5]], dtype=np.int64)
+    for optimize in (False, True):
+        model, table = _model()
+        QuantizeEmbeddingsPass(min_elements=1000, bits=4)(model)
+        (got,) = run(model, {"ids": ids}, optimize=optimize)
+        want, s = _int4_reference(table, ids)
+        np.testing.assert_array_equal(got, np.maximum(want, 0))
+        ref = np.maximum(table[ids], 0)
+        assert np.all(np.abs(got - ref) <= s[ids][..., None] / 2 + 1e-6)
+
+
+def test_int4_odd_hidden():
+    model, table = _model(vocab=301, hidden=255, output_direct=True, seed=3)
+    QuantizeEmbeddingsPass(min_elements=1000, bits=4)(model)
+    p = model.graph.initializers["emb.weight_quantized_int4"].const_value.numpy()
+    assert p.shape == (301, 128)
+    ids = np.array([[0, 5, 300, 17, 17]], dtype=np.int64)
+    for optimize in (False, True):
+        (got,) = run(model, {"ids": ids}, optimize=optimize)
+        assert got.shape == (1, 5, 255)
+        want, _ = _int4_reference(table, ids)
+        np.testing.assert_array_equal(got, want)
+    assert [o.name for o in model.graph.outputs] == ["y"]
+
+
+def test_int4_pack_layout():
+    q = np.array([[-7, 7, 0], [1, -1, 3]], np.int8)
+    p = pack_int4_rows(q)
+    assert p.shape == (2, 2)
+    assert p[0, 0] == (1 | (15 << 4)) and p[0, 1] == (8 | (8 << 4))
+    assert p[1, 0] == (9 | (7 << 4)) and p[1, 1] == (11 | (8 << 4))
+
+
+def test_int4_contract_small_tables_untouched_and_idempotent():
+    model, _ = _model(vocab=10, hidden=8)
+    before = to_proto(model).SerializeToString(deterministic=True)
+    assert not QuantizeEmbeddingsPass(bits=4)(model).modified
+    assert to_proto(model).SerializeToString(deterministic=True) == before
+    big, _ = _model()
+    assert QuantizeEmbeddingsPass(min_elements=1000, bits=4)(big).modified
+    once = to_proto(big).SerializeToString(deterministic=True)
+    assert not QuantizeEmbeddingsPass(min_elements=1000, bits=4)(big).modified
+    assert not QuantizeEmbeddingsPass(min_elements=1000)(big).modified
+    assert to_proto(big).SerializeToString(deterministic=True) == once
+
+
+def test_bits_validated_and_int8_default_unchanged():
+    import pytest
+
+    from onnxq.errors import OnnxqError
+
+    with pytest.raises(OnnxqError):
+        QuantizeEmbeddingsPass(bits=3)
+    model, _ = _model()
+    res = QuantizeEmbeddingsPass(min_elements=1000)(model)
+    assert res.bits == 8
+    assert model.graph.initializers["emb.weight_quantized"].const_value.numpy().dtype == np.int8
