@@ -36,15 +36,14 @@ import onnx_ir as ir
 
 from onnxq.errors import ModelLoadError, OnnxqError
 from onnxq.exporters.hf import (
+    open_export_source,
     _WRAPPER_ATTR,
     ExportResult,
     _one_line,
     _quiet,
-    _read_config,
     _say,
     _source_name,
     _tidy_graph,
-    resolve_model_source,
 )
 
 __all__ = [
@@ -267,20 +266,9 @@ def export_decoder(
         OnnxqError: The architecture is not supported, the export fails, or the graph does
             not reproduce PyTorch's logits and cache.
     """
-    folder = resolve_model_source(source)
-    config = _read_config(folder)
-    model_type = str(config.get("model_type", ""))
-    if model_type not in DECODER_MODEL_TYPES:
-        raise OnnxqError(
-            f"unsupported model type {model_type or '(none)'!r} for {TASK} in {folder}; "
-            f"supported: {', '.join(DECODER_MODEL_TYPES)}"
-        )
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import torch
-    except ImportError as exc:
-        raise OnnxqError("exporting needs torch and transformers (pip install 'onnxq[export]')") from exc
+    folder, config = open_export_source(source, supported=DECODER_MODEL_TYPES, task=TASK)
+    model_type = str(config["model_type"])
+    import torch
 
     with _quiet():
         _say(progress, f"loading {folder}")

@@ -569,3 +569,28 @@ def export_hf(
         source=folder,
         max_abs_diff=diff,
     )
+
+
+def open_export_source(
+    source: str | os.PathLike[str] | None, *, supported: tuple[str, ...], task: str
+) -> tuple[pathlib.Path, dict[str, Any]]:
+    """Resolve ``source`` for an exporter of ``task`` and check what it needs.
+
+    Returns the model folder and its config. Raises OnnxqError when the config's
+    ``model_type`` is not in ``supported`` or torch is not installed; keeps
+    transformers offline (nothing is ever downloaded).
+    """
+    folder = resolve_model_source(source)
+    config = _read_config(folder)
+    model_type = str(config.get("model_type", ""))
+    if model_type not in supported:
+        raise OnnxqError(
+            f"unsupported model type {model_type or '(none)'!r} for {task} in {folder}; "
+            f"supported: {', '.join(supported)}"
+        )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise OnnxqError("exporting needs torch and transformers (pip install 'onnxq[export]')") from exc
+    return folder, config

@@ -68,15 +68,14 @@ import onnx_ir as ir
 
 from onnxq.errors import ModelLoadError, OnnxqError
 from onnxq.exporters.hf import (
+    open_export_source,
     _WRAPPER_ATTR,
     ExportResult,
     _one_line,
     _quiet,
-    _read_config,
     _say,
     _source_name,
     _tidy_graph,
-    resolve_model_source,
 )
 
 __all__ = [
@@ -339,19 +338,8 @@ def export_mamba_step(
         OnnxqError: The model is not a Mamba (v1) model, the export fails, or the graph
             does not reproduce the Hugging Face logits.
     """
-    folder = resolve_model_source(source)
-    config = _read_config(folder)
-    model_type = str(config.get("model_type", ""))
-    if model_type != "mamba":
-        raise OnnxqError(
-            f"export_mamba_step supports model_type 'mamba' (MambaForCausalLM), not "
-            f"{model_type or '(none)'!r} in {folder}"
-        )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import torch
-    except ImportError as exc:
-        raise OnnxqError("exporting needs torch and transformers (pip install 'onnxq[export]')") from exc
+    folder, config = open_export_source(source, supported=("mamba",), task="mamba-step")
+    import torch
 
     with _quiet():
         _say(progress, f"loading {folder}")

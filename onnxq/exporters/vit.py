@@ -26,16 +26,15 @@ import numpy as np
 
 from onnxq.errors import ModelLoadError, OnnxqError
 from onnxq.exporters.hf import (
+    open_export_source,
     _WRAPPER_ATTR,
     ExportResult,
     _one_line,
     _quiet,
-    _read_config,
     _say,
     _source_name,
     _tidy_graph,
     _validate,
-    resolve_model_source,
 )
 
 __all__ = ["SUPPORTED_VIT_TYPES", "TASK", "export_vit", "is_vit_config"]
@@ -121,19 +120,9 @@ def export_vit(
         OnnxqError: Not a ViT/DeiT classifier, the export fails, or the graph does not
             reproduce the PyTorch logits.
     """
-    folder = resolve_model_source(source)
-    config = _read_config(folder)
-    model_type = str(config.get("model_type", ""))
-    if model_type not in SUPPORTED_VIT_TYPES:
-        raise OnnxqError(
-            f"unsupported model type {model_type or '(none)'!r} for task {TASK} in {folder}; "
-            f"supported: {', '.join(SUPPORTED_VIT_TYPES)}"
-        )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import torch
-    except ImportError as exc:
-        raise OnnxqError("exporting needs torch and transformers (pip install 'onnxq[export]')") from exc
+    folder, config = open_export_source(source, supported=SUPPORTED_VIT_TYPES, task=TASK)
+    model_type = str(config["model_type"])
+    import torch
 
     with _quiet():
         _say(progress, f"loading {folder}")
