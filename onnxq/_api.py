@@ -130,6 +130,7 @@ def calibrate(
             batch_size=recipe.batch_size,
             seq_len=recipe.seq_len,
             text_field=text_field,
+            batch_tokens=recipe.batch_tokens,
         )
     total = getattr(data, "num_samples", None)
     with progress.bar("calibrating", total) as update:
@@ -207,18 +208,20 @@ def _split_data(
         cal = _data.load_calibration(
             None, specs, tokenizer=tokenizer, samples=recipe.samples,
             batch_size=recipe.batch_size, seq_len=recipe.seq_len, split="calib",
+            batch_tokens=recipe.batch_tokens,
         )
         val = None
         if recipe.validate_samples:
             val = _data.load_calibration(
                 None, specs, tokenizer=tokenizer, samples=recipe.validate_samples,
                 batch_size=recipe.batch_size, seq_len=recipe.seq_len, split="heldout",
+                batch_tokens=recipe.batch_tokens,
             )
         return cal, val
     return _data.split_calibration(
         calib, specs, tokenizer=tokenizer, samples=recipe.samples,
         validate_samples=recipe.validate_samples, batch_size=recipe.batch_size,
-        seq_len=recipe.seq_len, text_field=text_field,
+        seq_len=recipe.seq_len, text_field=text_field, batch_tokens=recipe.batch_tokens,
     )
 
 

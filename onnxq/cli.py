@@ -26,7 +26,8 @@ def _recipe(ctx_opts: dict[str, Any]):
 
     base = load_recipe(ctx_opts["recipe"]) if ctx_opts.get("recipe") else Recipe()
     changes: dict[str, Any] = {}
-    for key in ("target", "method", "samples", "batch_size", "seq_len", "opset", "weight_bits",
+    for key in ("target", "method", "samples", "batch_size", "seq_len", "batch_tokens", "opset",
+                "weight_bits",
                 "kv_bits", "kv_group_size",
                 "embedding_bits", "block_size"):
         if ctx_opts.get(key) is not None:
@@ -60,6 +61,8 @@ _common = [
     click.option("--samples", type=int, default=None, help="Calibration samples (default 256)."),
     click.option("--batch-size", type=int, default=None, help="Calibration batch size (32)."),
     click.option("--seq-len", type=int, default=None, help="Max tokens per text sample (128)."),
+    click.option("--batch-tokens", type=int, default=None,
+                 help="Max padded tokens per text calibration batch (1024); bounds memory."),
     click.option("--method", type=str, default=None,
                  help="Activation range estimator: minmax, percentile (default), entropy, mse."),
     click.option("--recipe", type=click.Path(), default=None, help="TOML recipe file."),

@@ -42,6 +42,8 @@ class Recipe:
         samples: calibration samples to use (``None`` = all).
         batch_size: calibration batch size.
         seq_len: maximum tokens per text sample.
+        batch_tokens: padded tokens per text calibration batch at most (rows ×
+            longest row); bounds calibration memory whatever the sample count.
         keep_fp: module paths or tensor names (globs) left in floating point.
         quantize_attention: quantize Q·Kᵀ and P·V (``None`` = the target's default).
         outliers: outlier method(s) applied before calibration.
@@ -60,6 +62,7 @@ class Recipe:
     samples: int | None = 256
     batch_size: int = 32
     seq_len: int = 128
+    batch_tokens: int = 1024
     keep_fp: tuple[str, ...] = ()
     quantize_attention: bool | None = None
     outliers: tuple[str, ...] = ("auto",)
@@ -95,6 +98,8 @@ class Recipe:
             raise OnnxqError(f"embedding bits must be 8 or 4, not {self.embedding_bits}")
         if self.batch_size <= 0 or self.seq_len <= 0 or self.validate_samples < 0:
             raise OnnxqError("batch size, sequence length and validate samples must be positive")
+        if self.batch_tokens <= 0:
+            raise OnnxqError(f"batch tokens must be a positive number, not {self.batch_tokens}")
         if self.kv_bits is not None and self.kv_bits not in (2, 4, 8):
             raise OnnxqError(f"KV-cache bits must be 8, 4 or 2, not {self.kv_bits}")
         if self.kv_group_size is not None and self.kv_group_size <= 0:
@@ -124,7 +129,7 @@ def recipe_from_mapping(data: Mapping[str, Any], *, source: str = "recipe") -> R
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise OnnxqError(f"{source}: {key} must be a list of strings")
             value = tuple(value)
-        elif key in ("samples", "batch_size", "seq_len", "validate_samples", "opset",
+        elif key in ("samples", "batch_size", "seq_len", "batch_tokens", "validate_samples", "opset",
                      "weight_bits", "embedding_bits", "block_size", "kv_bits", "kv_group_size"):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise OnnxqError(f"{source}: {key} must be an integer")

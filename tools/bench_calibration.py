@@ -3,8 +3,9 @@
 
 Every measurement runs in its own child process (peak RSS = the child's VmHWM),
 on the same FP32 graph (all-MiniLM-L6-v2 exported by onnxq and canonicalized,
-saved as one file) and the same feeds (the built-in "calib" text, batch 32, up to
-128 tokens; the sentence list is repeated when more samples are asked for than it
+saved as one file) and the same feeds (the built-in "calib" text in onnxq's default
+batches: at most 32 rows and 1024 padded tokens, up to 128 tokens per sentence; the
+sentence list is repeated when more samples are asked for than it
 holds):
 
 * ``onnxq-calibrate N``: ``onnxq.calibrate`` (one onnxruntime pass over the data
@@ -76,10 +77,13 @@ def _texts_file(work: pathlib.Path, samples: int, repeat_of: int = 0) -> pathlib
 def _feeds(fp32: pathlib.Path, tok: str, texts: pathlib.Path, samples: int):
     import onnxq
     from onnxq.calibration.data import input_specs, load_calibration
+    from onnxq.recipe import Recipe
 
     model = onnxq.load(fp32)
+    r = Recipe()  # what `onnxq convert` / `onnxq calibrate` use by default
     return model, load_calibration(texts, input_specs(model), tokenizer=tok, samples=samples,
-                                   batch_size=32, seq_len=128)
+                                   batch_size=r.batch_size, seq_len=r.seq_len,
+                                   batch_tokens=r.batch_tokens)
 
 
 # --------------------------------------------------------------------------- children
@@ -90,7 +94,9 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     fp32, tok, texts = pathlib.Path(spec["fp32"]), spec["tok"], pathlib.Path(spec["texts"])
     model, data = _feeds(fp32, tok, texts, samples)
     base_rss = _status("VmRSS")
-    max_len = max(int(next(iter(b.values())).shape[1]) for b in data)
+    shapes = [next(iter(b.values())).shape for b in data]
+    max_len = max(int(s[1]) for s in shapes)
+    max_tokens = max(int(s[0]) * int(s[1]) for s in shapes)
     t0 = time.perf_counter()
     if kind == "onnxq":
         import onnxq
@@ -137,7 +143,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                 extra = {}
     seconds = time.perf_counter() - t0
     return {"kind": kind, "samples": samples, "seconds": seconds, "peak_rss_mb": _status("VmHWM"),
-            "rss_before_mb": base_rss, "max_len": max_len,
+            "rss_before_mb": base_rss, "max_len": max_len, "max_tokens": max_tokens,
             "label": spec.get("label", kind), **extra}
 
 
@@ -183,25 +189,27 @@ def _markdown(rows: list[dict[str, Any]], command: str) -> str:
         "",
         "Same FP32 graph (all-MiniLM-L6-v2, onnxq export + canonicalize, one file) and same "
         "feeds for every row: the built-in calibration text (its ~2000 sentences repeated "
-        "when more samples are asked for), batch 32, up to 128 tokens. Each row runs in "
+        "when more samples are asked for), in onnxq's default batches (`Recipe.batch_size` 32 "
+        "rows, `Recipe.batch_tokens` 1024 padded tokens, 128 tokens per sentence at most). "
+        "Each row runs in "
         "its own child process; \"peak RSS\" is that process's VmHWM (including the model "
         "and onnxruntime), \"RSS before\" its resident memory after loading model and "
         "tokenizer, before calibrating. Rows with the smallest sample count ran `--rounds` "
         "times, alternating (seconds = fastest round, peak RSS = largest); the others once.",
         "",
-        "| what | samples | texts | longest batch (tokens) | seconds | peak RSS MB "
-        "| RSS before MB |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| what | samples | texts | longest batch (tokens) | largest batch (rows × tokens) "
+        "| seconds | peak RSS MB | RSS before MB |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         texts = (f"first {r['repeat_of']} sentences repeated" if r.get("repeat_of")
                  else "distinct sentences")
         if "error" in r:
-            lines.append(f"| {LABELS[r['kind']]} | {r['samples']} | {texts} | | failed: "
+            lines.append(f"| {LABELS[r['kind']]} | {r['samples']} | {texts} | | | failed: "
                          f"{r['error']} | | |")
             continue
         lines.append(f"| {LABELS[r['kind']]} | {r['samples']} | {texts} | {r['max_len']} | "
-                     f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['rss_before_mb']:.0f} |")
+                     f"{r.get('max_tokens', '')} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['rss_before_mb']:.0f} |")
     ok = {(r["kind"], r["samples"], r.get("repeat_of", 0)): r for r in rows if "error" not in r}
     notes = []
     sizes = sorted({n for k, n, _ in ok if k == "onnxq"})

@@ -292,6 +292,22 @@ def _limit_samples(samples: int | None, available: int) -> int:
 # --- text ----------------------------------------------------------------------
 
 
+def _token_budget_bounds(lengths: Sequence[int], max_rows: int, budget: int) -> list[tuple[int, int]]:
+    """Greedy, order-preserving ``(start, stop)`` batches with ``rows · longest ≤ budget``."""
+    bounds: list[tuple[int, int]] = []
+    start, longest = 0, 0
+    for i, length in enumerate(lengths):
+        rows = i - start
+        wider = max(longest, length)
+        if rows and (rows >= max_rows or (rows + 1) * wider > budget):
+            bounds.append((start, i))
+            start, wider = i, length
+        longest = wider
+    if lengths:
+        bounds.append((start, len(lengths)))
+    return bounds
+
+
 def _pad_id(tokenizer: tokenizers.Tokenizer) -> int:
     padding = tokenizer.padding
     if padding and padding.get("pad_id") is not None:
@@ -310,6 +326,7 @@ def text_batches(
     *,
     batch_size: int = 32,
     seq_len: int = 128,
+    batch_tokens: int | None = None,
 ) -> CalibrationData:
     """Tokenize texts and batch them as ``input_ids``/``attention_mask``/``token_type_ids``.
 
@@ -319,12 +336,21 @@ def text_batches(
     (the incomplete last batch is dropped).  The tokenizer passed in is not
     modified.
 
+    With ``batch_tokens``, consecutive samples are packed greedily, in order, into
+    batches of at most ``batch_size`` rows whose padded size (rows × longest row)
+    stays within ``batch_tokens`` (a single longer sample still forms its own
+    batch).  The activations onnxruntime returns per batch, and with them the peak
+    memory of calibration, are then bounded by the budget, whatever the number of
+    samples and however long the longest of them is.
+
     Args:
         texts: The samples.
         tokenizer: A ``tokenizers.Tokenizer`` (its post-processor adds special tokens).
         inputs: The model's graph inputs.
         batch_size: Samples per batch.
         seq_len: Maximum tokens per sample (longer samples are truncated).
+        batch_tokens: Padded tokens per batch at most (None: no budget).  Ignored
+            when the graph fixes the batch axis.
 
     Returns:
         The batches; arrays are cast to each input's dtype.
@@ -373,9 +399,17 @@ def text_batches(
     size = _effective_batch_size(inputs, batch_size, "text calibration data")
     fixed_batch = any(spec.fixed_dim(0) is not None for spec in inputs)
     num_batches, used = _batch_count(len(ids), size, fixed_batch, "text calibration data")
+    if batch_tokens is not None:
+        _check_positive("batch_tokens", batch_tokens)
+    if batch_tokens is None or fixed_batch:
+        bounds = [(i * size, min((i + 1) * size, used)) for i in range(num_batches)]
+    else:
+        bounds = _token_budget_bounds([pad_to or max(1, len(row)) for row in ids], size, batch_tokens)
+        num_batches = len(bounds)
 
     def make_batch(index: int) -> Batch:
-        rows = ids[index * size : min((index + 1) * size, used)]
+        start, stop = bounds[index]
+        rows = ids[start:stop]
         width = pad_to if pad_to is not None else max(1, max(len(row) for row in rows))
         input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)
@@ -574,6 +608,7 @@ def load_calibration(
     seq_len: int = 128,
     text_field: str = "text",
     split: str = "calib",
+    batch_tokens: int | None = None,
 ) -> CalibrationData:
     """Open calibration data for a model.
 
@@ -589,6 +624,7 @@ def load_calibration(
         seq_len: Maximum tokens per text sample.
         text_field: Field holding the text in ``.jsonl`` records.
         split: For the default text: ``"calib"`` or ``"heldout"``.
+        batch_tokens: Padded tokens per text batch at most (see :func:`text_batches`).
 
     Returns:
         The batches.
@@ -623,7 +659,8 @@ def load_calibration(
     if tokenizer is None:
         raise _error(f"text calibration data needs a tokenizer: pass one for {where} (tokenizer.json or its folder)")
     tok = tokenizer if isinstance(tokenizer, tokenizers.Tokenizer) else load_tokenizer(tokenizer)
-    data = text_batches(texts, tok, inputs, batch_size=batch_size, seq_len=seq_len)
+    data = text_batches(texts, tok, inputs, batch_size=batch_size, seq_len=seq_len,
+                        batch_tokens=batch_tokens)
     data.description = f"{data.num_samples} text samples from {where}"
     return data
 
@@ -671,6 +708,7 @@ def split_calibration(
     batch_size: int = 32,
     seq_len: int = 128,
     text_field: str = "text",
+    batch_tokens: int | None = None,
 ) -> tuple[CalibrationData, CalibrationData | None]:
     """Split a user's calibration file into calibration and held-out validation parts.
 
@@ -704,11 +742,12 @@ def split_calibration(
     cal_texts = texts[: len(texts) - n_val]
     if samples is not None:
         cal_texts = cal_texts[:samples]
-    cal = text_batches(cal_texts, tok, inputs, batch_size=batch_size, seq_len=seq_len)
+    cal = text_batches(cal_texts, tok, inputs, batch_size=batch_size, seq_len=seq_len,
+                       batch_tokens=batch_tokens)
     cal.description = f"{cal.num_samples} text samples from {path}"
     val = None
     if n_val:
         val = text_batches(texts[len(texts) - n_val:], tok, inputs, batch_size=batch_size,
-                           seq_len=seq_len)
+                           seq_len=seq_len, batch_tokens=batch_tokens)
         val.description = f"{val.num_samples} held-out text samples from {path}"
     return cal, val

@@ -383,6 +383,30 @@ def _rewire(node: ir.Node, old: ir.Value, new: ir.Value) -> None:
             node.replace_input_with(i, new)
 
 
+def _residual_bias(add: ir.Node, value: ir.Value, channels: int) -> ir.Value | None:
+    """The constant bias of the linear on the other side of residual ``add``, or None."""
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None
+    if sum(inp is value for inp in add.inputs) != 1:
+        return None
+    other = add.inputs[1] if add.inputs[0] is value else add.inputs[0]
+    node = other.producer() if other is not None else None
+    if (node is None or node.op_type != "Add" or node.domain not in ("", "ai.onnx")
+            or len(other.uses()) != 1 or other.is_graph_output()):
+        return None
+    for i, bias in enumerate(node.inputs):
+        peer = node.inputs[1 - i]
+        src = peer.producer() if peer is not None else None
+        if (bias is None or bias.const_value is None or bias.producer() is not None
+                or bias.is_graph_input()
+                or len(bias.uses()) != 1 or src is None or src.op_type != "MatMul"):
+            continue
+        arr = const_array(bias)
+        if arr.ndim == 1 and arr.size == channels and arr.dtype.kind == "f":
+            return bias
+    return None
+
+
 def restore_for_consumers(
     value: ir.Value, consumers: Sequence[ir.Node], z: np.ndarray | None, s: np.ndarray,
     *, pass_name: str = "channel_fold",
@@ -391,6 +415,13 @@ def restore_for_consumers(
 
     Inserts ``Mul(s)`` then ``Add(z)`` (no ``Add`` when ``z == 0``) right after
     ``value``'s producer and rewires only ``consumers``.
+
+    When the only consumer is a residual ``Add`` whose other operand is a linear's
+    bias ``Add`` (``Add(MatMul(·), b)`` read by nothing else, ``b`` a constant of
+    ``C`` channels used once), ``z`` is folded into that bias instead
+    (``b ← b + z``): the Post-LN residual restore then costs one ``Mul``, and the
+    ``Add`` → LayerNorm chain stays the shape onnxruntime fuses into
+    ``SkipLayerNormalization``.
 
     Returns:
         None on success (also when ``consumers`` is empty), else the reason for refusing.
@@ -403,6 +434,12 @@ def restore_for_consumers(
     module = module_of(producer) if producer is not None else ""
     s = np.asarray(s, dtype=np.float64).reshape(-1)
     add = None if _is_zero(z) else np.asarray(z, dtype=np.float64).reshape(-1)
+    if add is not None and len(consumers) == 1:
+        bias = _residual_bias(consumers[0], value, add.size)
+        if bias is not None:
+            new = (const_array(bias).astype(np.float64) + add).astype(const_array(bias).dtype)
+            bias.const_value = ir.tensor(np.ascontiguousarray(new), name=bias.name)
+            add = None
     restored = _insert_mul_add(graph, value, s, add, f"{value.name or 'value'}_restored",
                                pass_name, module)
     for node in consumers:

@@ -231,6 +231,42 @@ def test_text_batches_shapes_padding_masks(tokenizer: tokenizers.Tokenizer) -> N
             np.testing.assert_array_equal(a[name], b[name])
 
 
+def test_text_batches_token_budget(tokenizer: tokenizers.Tokenizer) -> None:
+    words = "the cat sat on the mat a dog red big ran fast zebra".split()
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 30)))) for _ in range(200)]
+    plain = list(text_batches(texts, tokenizer, bert_inputs(), batch_size=16, seq_len=24))
+    budget = 96
+    data = text_batches(texts, tokenizer, bert_inputs(), batch_size=16, seq_len=24, batch_tokens=budget)
+    batches = list(data)
+    assert data.num_samples == 200 and len(data) == len(batches) > len(plain)
+    rows = [b["input_ids"].shape[0] for b in batches]
+    assert max(rows) <= 16
+    # every batch fits the budget (24 tokens at most per row, so never a lone oversize row)
+    assert max(b["input_ids"].size for b in batches) <= budget
+    assert max(b["input_ids"].size for b in plain) > budget  # the budget did something
+    # same samples, same order: unpadded rows concatenate to the unbudgeted ones
+    def rows_of(bs):
+        return [r[m.astype(bool)].tolist() for b in bs
+                for r, m in zip(b["input_ids"], b["attention_mask"], strict=True)]
+    assert rows_of(batches) == rows_of(plain)
+    # greedy: adding the next sample to a batch would have broken the budget or the row cap
+    starts = np.cumsum([0] + rows)
+    lengths = [len(r) for r in rows_of(plain)]
+    for i, (a, b) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
+        if b < len(lengths):
+            assert b - a == 16 or (b - a + 1) * max(lengths[a:b + 1]) > budget, i
+
+
+def test_text_batches_token_budget_single_long_row(tokenizer: tokenizers.Tokenizer) -> None:
+    texts = ["the cat sat on the mat " * 5, "a dog", "red"]
+    data = text_batches(texts, tokenizer, bert_inputs(), batch_size=8, seq_len=64, batch_tokens=10)
+    shapes = [b["input_ids"].shape for b in data]
+    assert shapes == [(1, 32), (2, 4)]  # the long row alone; the two short ones together
+    with pytest.raises(CalibrationDataError, match="batch_tokens must be a positive integer"):
+        text_batches(texts, tokenizer, bert_inputs(), batch_tokens=0)
+
+
 def test_text_batches_truncation_and_int32(tokenizer: tokenizers.Tokenizer) -> None:
     data = text_batches(["the cat sat on the mat " * 10], tokenizer, bert_inputs(np.int32), seq_len=5)
     (batch,) = list(data)

@@ -529,7 +529,7 @@ toml_scalars = (st.integers(-(2**63), 2**63 - 1) | st.booleans() | st.text(max_s
                 | st.floats(allow_nan=False, allow_infinity=False))
 toml_values = st.one_of(toml_scalars, st.lists(st.text(max_size=10), max_size=3),
                         st.lists(st.integers(-5, 5), max_size=3))
-recipe_keys = st.sampled_from(["target", "method", "samples", "batch_size", "seq_len",
+recipe_keys = st.sampled_from(["target", "method", "samples", "batch_size", "seq_len", "batch_tokens",
                                "keep_fp", "quantize_attention", "outliers", "validate_samples",
                                "opset", "int8_embeddings", "weight_bits", "block_size",
                                "unknown", "Target"])
@@ -579,6 +579,7 @@ def _try_recipe(work, raw: bytes, counter, name):
         return
     assert isinstance(recipe, onnxq.Recipe)
     assert recipe.batch_size > 0 and recipe.seq_len > 0 and recipe.block_size > 0
+    assert recipe.batch_tokens > 0
     assert recipe.opset > 0
     counter[(name, "valid")] += 1
 

@@ -92,28 +92,46 @@ PASSES = ["os+", "smoothquant", "explicit"]
 def test_os_plus_post_ln_structure():
     model = _block(post_ln=True)
     before = op_counts(model)
+    fc2_bias = model.graph.initializers["fc2.bias"].const_value.numpy().copy()
     res = OutlierSuppressionPlusPass(stats=_stats(model))(model)
     assert res.modified
-    assert _new_nodes(before, model) == {"Mul": 1, "Add": 1}
+    # the shift z went into fc2's bias: the restore is a single Mul
+    assert _new_nodes(before, model) == {"Mul": 1}
     nodes = {n.name: n for n in model.graph}
     # nothing in front of fc1: it still reads the LayerNorm output
     fc1 = nodes["node_fc1_mm"]
     assert fc1.inputs[0].producer().op_type == "LayerNormalization"
-    # the residual Add reads LN * s + z
+    # the residual Add reads LN * s, and fc2's bias carries + z
     residual = nodes["node_residual"]
-    add = residual.inputs[1].producer()
-    assert add.op_type == "Add" and add.inputs[0].producer().op_type == "Mul"
-    for node in (add, add.inputs[0].producer()):
-        assert node.metadata_props["onnxq.pass"] == "OutlierSuppressionPlusPass"
+    mul = residual.inputs[1].producer()
+    assert mul.op_type == "Mul" and mul.inputs[0].producer().op_type == "LayerNormalization"
+    assert mul.metadata_props["onnxq.pass"] == "OutlierSuppressionPlusPass"
+    (site,) = res.sites
+    new_bias = model.graph.initializers["fc2.bias"].const_value.numpy()
+    assert np.abs(new_bias - fc2_bias).max() > 1e-3  # z != 0 on the planted channels
     assert nodes["node_ln1"].metadata_props[FOLDED_KEY] == "OutlierSuppressionPlusPass"
     assert fc1.metadata_props[FOLDED_KEY] == "OutlierSuppressionPlusPass"
-    (site,) = res.sites
     assert site["module"] == "ln1" and site["method"] == "os+"
     assert site["linears"] == ["fc1"] and site["restored"] == ["node_residual"]
     assert site["max_channel_after"] < site["max_channel_before"] / 4
     assert site["loss_after"] <= min(site["loss_before"], site["loss_shift_only"])
     assert np.isfinite(site["t"]) and site["scaled_channels"] >= 1
     onnx.checker.check_model(to_proto(model), full_check=True)
+
+
+def test_os_plus_post_ln_without_bias_restores_with_mul_add():
+    """No linear bias beside the residual Add to carry z: Mul + Add, still exact."""
+    model = _block(post_ln=True, bias=False)
+    ref = _block(post_ln=True, bias=False)
+    before = op_counts(model)
+    res = OutlierSuppressionPlusPass(stats=_stats(model))(model)
+    assert res.modified
+    # Mul + Add restore, and fc1 gains a bias Add for z·W
+    assert _new_nodes(before, model) == {"Mul": 1, "Add": 2}
+    residual = {n.name: n for n in model.graph}["node_residual"]
+    add = residual.inputs[1].producer()
+    assert add.op_type == "Add" and add.inputs[0].producer().op_type == "Mul"
+    assert _rel_err(ref, model, _feeds(3)) < 1e-5
 
 
 @pytest.mark.parametrize("variant", ["pre-ln", "rms"])
@@ -379,11 +397,12 @@ def test_tiny_bert_os_plus_and_explicit_scaling(tiny_bert):
     os_res = OutlierSuppressionPlusPass(stats=stats)(model)
     ffn_res = ExplicitChannelScalingPass(stats=stats)(model)
     assert os_res.modified and ffn_res.modified
-    # every LN feeding linears is a post-LN residual source: one Mul + one Add each
+    # every LN feeding linears is a post-LN residual source
     assert len(os_res.sites) == 4
     assert all(len(s["restored"]) == 1 for s in os_res.sites)
     assert len(ffn_res.sites) == 2  # both FFN down-projections carry the planted outlier
-    assert _new_nodes(before, model) == {"Mul": 4 + 2, "Add": 4 + 2}
+    # OS+: one Mul per site (z rides on the o_proj / FFN-output biases); FFN: Mul + Add
+    assert _new_nodes(before, model) == {"Mul": 4 + 2, "Add": 2}
     assert _rel_err(base, model, test) <= 1e-4
     onnx.checker.check_model(to_proto(model), full_check=True)
     err_fp = _w8a8_error(base, base, cal, test)
