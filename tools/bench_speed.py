@@ -135,6 +135,72 @@ def _fidelity(paths: dict[str, pathlib.Path], fp32: pathlib.Path, tok: str, thre
     return res
 
 
+def _linear_stack(work: pathlib.Path, threads: int) -> tuple[pathlib.Path, pathlib.Path]:
+    """FP32 and onnxq ort-cpu INT8 graphs of one MiniLM layer's linears alone.
+
+    ``x[batch, seq, 384]`` → Q, K, V, O (384×384) → FFN up (384×1536) → FFN down (1536×384),
+    chained, each with its bias: the same GEMM shapes and the same per-linear
+    Q/DQ as the real graph, and nothing else (no attention, norms or GELU).  The
+    INT8 one is built by onnxq's own calibrate + quantize (ort-cpu recipe).
+    """
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnxq
+    from onnxq.recipe import Recipe
+
+    fp32, int8 = work / "linears_fp32.onnx", work / "linears_int8.onnx"
+    if fp32.exists() and int8.exists():
+        return fp32, int8
+    rng = np.random.default_rng(0)
+    dims = [384, 384, 384, 384, 384, 1536, 384]
+    nodes, inits, x = [], [], "x"
+    for i, (k, n) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+        b = (0.1 * rng.standard_normal(n)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"linear{i}_MatMul"),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"y{i}"], name=f"linear{i}_Add")]
+        x = f"y{i}"
+    graph = helper.make_graph(
+        nodes, "linears",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 384])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", "seq", 384])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    onnx.save(proto, fp32)
+    recipe = Recipe(target="ort-cpu", method="minmax", outliers=("none",))
+    model = ir.from_proto(proto)
+    feeds = [{"x": rng.standard_normal((4, 64, 384)).astype(np.float32)} for _ in range(4)]
+    stats = onnxq.calibrate(model, feeds, recipe=recipe)
+    onnxq.quantize(model, stats, recipe=recipe)
+    onnxq.save(model, int8)
+    return fp32, int8
+
+
+def _gemm_ceiling(work: pathlib.Path, threads: int, repeat: int, sopts: dict) -> list[str]:
+    """Markdown lines: INT8 vs FP32 speed of the linears alone, at batch 32 and 1 (× 128)."""
+    from onnxq.eval.bench import bench, format_table
+
+    fp32, int8 = _linear_stack(work, threads)
+    lines = ["", "GEMM ceiling on this CPU: one layer's six linears alone (same shapes and "
+             "per-linear Q/DQ as MiniLM, biases, nothing else), FP32 vs onnxq ort-cpu INT8, "
+             "interleaved:", "", "```"]
+    ratios = []
+    for batch, reps in ((32, repeat), (1, repeat * 5)):
+        r = bench([str(fp32), str(int8)], batch=batch, seq_len=128, threads=threads, warmup=3,
+                  repeat=reps, session_options=sopts)
+        lines += [format_table(r, names=["linears fp32", "linears int8"]), ""]
+        ratios.append((batch, r[1].speedup))
+    lines[-1] = "```"
+    lines += ["", "- " + "; ".join(f"batch {m} x 128: INT8 linears {x:.2f}x FP32" for m, x in ratios)
+              + ". The whole graph cannot run faster relative to FP32 than its GEMMs do, unless "
+              "the non-GEMM work (norms, GELU, softmax, reshapes; the same ops in both graphs) "
+              "also shrinks."]
+    return lines
+
+
 def _versions() -> str:
     import numpy
     import onnx
@@ -208,6 +274,8 @@ def main() -> None:
     t1 = format_table(r1, names=names)
     print(t1, flush=True)
 
+    ceiling = _gemm_ceiling(work, args.threads, args.repeat, sopts)
+    print("\n".join(ceiling), flush=True)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "python tools/bench_speed.py " + " ".join(a for a in sys.argv[1:])
     lines = [
@@ -234,7 +302,7 @@ def main() -> None:
     lines.append("")
     lines += [f"- **{n}**: {desc[n]}" for n in names]
     lines += [f"- **{n}**: failed: {e}" for n, e in errors.items()]
-    lines += ["", "Interleaved runs:", "", "```", t32, "", t1, "```"]
+    lines += ["", "Interleaved runs:", "", "```", t32, "", t1, "```"] + ceiling
     md = "\n".join(lines)
     print(md)
     (work / "speed.md").write_text(md)
