@@ -12,6 +12,17 @@ its cache along the sequence axis and feeds the whole cache back on the next run
 
 :func:`onnxq.runtime.generate` and :func:`onnxq.runtime.teacher_forced_logits`
 accept a :class:`QuantizedKVSession` as they are.
+
+Cache tensors the pass left in float (``kinds`` without ``"value"``, say) keep the
+exported layout: their ``present`` output is the whole cache and replaces the past.
+
+**Positions with a pre-RoPE key cache** (``key_placement = "pre_rope"`` in the
+metadata): the graph re-applies RoPE to the cached keys at every run, giving the ``L``
+cached tokens the positions ``position_ids[:, :1] − L + arange(L)``.  The positions
+:class:`~onnxq.runtime.DecoderSession` feeds satisfy this: ``cumsum(mask) − 1`` on the
+prompt (left padding: real tokens count from 0 after the padding, padded slots get 1
+and are masked), then the next consecutive positions at every step.  A caller that
+drives the graph itself must feed consecutive positions the same way.
 """
 
 from __future__ import annotations
@@ -47,6 +58,8 @@ class QuantizedKVSession(DecoderSession):
         self.kv_config: dict[str, Any] = json.loads(raw) if raw else {}
         if not self.kv_config:
             return
+        if self.kv_config.get("rope_reapplied") and not self.has_position_ids:
+            raise OnnxqError("the decoder caches pre-RoPE keys but has no position_ids input")
         outputs = {o.name for o in self.session.get_outputs()}
         extra = []
         for arg in self.session.get_inputs():
@@ -63,6 +76,16 @@ class QuantizedKVSession(DecoderSession):
             extra.append(KVInput(arg.name, layer, kind, output, tuple(arg.shape), dtype))
         self.kv_inputs = self.kv_inputs + extra
         self.kv_inputs.sort(key=lambda item: (item.layer, item.kind != "key", item.name))
+        sites = self.kv_config.get("sites")
+        if sites is None:  # graphs written before the metadata listed the sites
+            kinds = self.kv_config.get("kinds", ["key", "value"])
+            sites = [f"{item.layer}.{item.kind}" for item in self.kv_inputs if item.kind in kinds]
+        self._appended = {item.name for item in self.kv_inputs if f"{item.layer}.{item.kind}" in set(sites)}
+
+    @property
+    def key_placement(self) -> str | None:
+        """``"pre_rope"`` / ``"post_rope"`` for a quantized key cache, else None."""
+        return self.kv_config.get("key_placement")
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         if not self.kv_config:
@@ -80,7 +103,9 @@ class QuantizedKVSession(DecoderSession):
             super().store_presents(outputs)
             return
         # Append-only layout: the graph returns the new rows; the cache grows here.
+        # Caches the pass did not rewrite return the whole cache, as exported.
         self.past = {item.name: np.concatenate([self.past[item.name], outputs[item.output]], axis=2)
+                     if item.name in self._appended else outputs[item.output]
                      for item in self.kv_inputs}
 
     def cache_nbytes(self) -> int:
