@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 
+import _benchlib
+
 import onnxq
 
 VARIANTS = [
@@ -30,17 +32,11 @@ VARIANTS = [
     ("OS+ + PEG (default `auto`)", ("osplus", "peg")),
 ]
 
-START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
-
 
 def _models(names: list[str], work: pathlib.Path) -> dict[str, pathlib.Path]:
     out = {}
     if "minilm" in names:
-        model = onnxq.export(None)
-        onnxq.prepare(model)
-        path = work / "minilm.onnx"
-        onnxq.save(model, path)
-        out["all-MiniLM-L6-v2"] = path
+        out["all-MiniLM-L6-v2"], _ = _benchlib.prepare_minilm(work)
     if "tiny" in names:
         from onnxq.zoo import tiny_bert_onnx
 
@@ -79,20 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.write_docs:
-        _write(table)
+        _benchlib.write_section("ablation", table, heading="Ablation of outlier methods")
     return 0
-
-
-def _write(table: str) -> None:
-    path = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{table}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Ablation of outlier methods\n\n" + block + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

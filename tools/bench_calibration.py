@@ -33,8 +33,7 @@ import tempfile
 import time
 from typing import Any
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-START, END = "<!-- calibration:start -->", "<!-- calibration:end -->"
+import _benchlib
 
 
 def _status(field: str) -> float:
@@ -43,19 +42,6 @@ def _status(field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
-
-
-def _prepare(work: pathlib.Path) -> tuple[pathlib.Path, str]:
-    import onnxq
-
-    fp32 = work / "fp32.onnx"
-    meta = work / "fp32.json"
-    if not fp32.exists() or not meta.exists():
-        model, tok = onnxq.load_source(None)
-        onnxq.prepare(model)
-        onnxq.save(model, fp32)
-        meta.write_text(json.dumps({"tokenizer": str(tok)}))
-    return fp32, json.loads(meta.read_text())["tokenizer"]
 
 
 def _texts_file(work: pathlib.Path, samples: int, repeat_of: int = 0) -> pathlib.Path:
@@ -164,27 +150,16 @@ LABELS = {
                       "compute_data, MatMul inputs)",
     "ort-static": "onnxruntime quantize_static, MinMax, QDQ, MatMul only (whole call)",
 }
-
-
-def _versions() -> str:
-    import numpy
-    import onnx
-    import onnxruntime
-
-    import onnxq
-
-    return (f"Python {platform.python_version()}, onnxq {getattr(onnxq, '__version__', '?')}, "
-            f"onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, "
-            f"numpy {numpy.__version__}")
+_VERSIONS = ("onnxq", "onnxruntime", "onnx", "numpy")
 
 
 def _markdown(rows: list[dict[str, Any]], command: str) -> str:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "## Calibration time and memory (`tools/bench_calibration.py`)",
         "",
         f"- Date: {now}; {platform.machine()}, {_ncpu()} logical cores",
-        f"- Versions: {_versions()}",
+        f"- Versions: {_benchlib.versions(_VERSIONS)}",
         f"- Command: `{command}`",
         "",
         "Same FP32 graph (all-MiniLM-L6-v2, onnxq export + canonicalize, one file) and same "
@@ -260,7 +235,7 @@ def main() -> None:
         return
     work = args.work or pathlib.Path(tempfile.gettempdir()) / "onnxq-bench-calibration"
     work.mkdir(parents=True, exist_ok=True)
-    fp32, tok = _prepare(work)
+    fp32, tok = _benchlib.prepare_minilm(work)
     small = min(args.samples)
     # (kind, samples, repeat_of): repeat_of > 0 = the first `repeat_of` sentences repeated
     plan = [("onnxq", n, 0) for n in args.samples]
@@ -289,14 +264,7 @@ def main() -> None:
     md = _markdown(rows, command.strip())
     print(md)
     if args.write_docs:
-        doc = REPO / "docs" / "benchmarks.md"
-        text = doc.read_text()
-        block = f"{START}\n{md}\n{END}"
-        if START in text and END in text:
-            text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip("\n") + "\n\n" + block + "\n"
-        doc.write_text(text)
+        _benchlib.write_section("calibration", md)
 
 
 if __name__ == "__main__":

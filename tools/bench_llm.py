@@ -26,10 +26,8 @@ import statistics
 import sys
 import time
 
+import _benchlib
 import numpy as np
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-START, END = "<!-- llm:start -->", "<!-- llm:end -->"
 
 METHODS: list[tuple[str, tuple[str, ...]]] = [
     ("none", ("none",)),
@@ -53,7 +51,7 @@ def _time_generate(session, prompt: np.ndarray, new_tokens: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--out", default=str(_benchlib.DOCS))
     ap.add_argument("--workdir", default="/tmp/onnxq-bench-llm")
     ap.add_argument("--targets", default="tensorrt,ort-cpu")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -117,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"generate {kind}: fp32 {mf * 1e3:.1f} ms, int8 {mq * 1e3:.1f} ms, "
                   f"int8/fp32 time {mq / mf:.2f}, tokens equal {same:.2f}", flush=True)
 
-    lines = [START, "", "## Decoders: static W8A8 with KV cache (tiny LLaMA-GQA / Qwen2 / OPT)", "",
+    lines = ["", "## Decoders: static W8A8 with KV cache (tiny LLaMA-GQA / Qwen2 / OPT)", "",
              "Random-weight tiny decoders from `onnxq.zoo.decoders` (hidden 64, 2 layers, 4 heads, "
              "LLaMA/Qwen2 with 2 KV heads, vocabulary 256) with planted massive activations on BOS "
              "(~100x median) and a per-token FFN channel outlier at every `down_proj` input. "
@@ -153,20 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "At this size (64-wide layers) a decode step costs mostly per-node overhead, and "
                   "the INT8 graph has more nodes (Q/DQ, FFN-scaling Muls); "
                   "the ratio says little about real-size models, where the MatMuls dominate.", ""]
-    lines.append(END)
-    text = "\n".join(lines) + "\n"
+    body = "\n".join(lines)
     if args.no_write:
-        print(text)
+        start, end = _benchlib.markers("llm")
+        print(f"{start}\n{body}\n{end}\n")
         return 0
-    out = pathlib.Path(args.out)
-    old = out.read_text(encoding="utf-8") if out.exists() else ""
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        _, tail = rest.split(END, 1)
-        new = head + text.rstrip("\n") + tail
-    else:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + text
-    out.write_text(new, encoding="utf-8")
+    out = _benchlib.write_section("llm", body, path=args.out)
     print(f"wrote {out}")
     return 0
 

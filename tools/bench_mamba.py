@@ -25,18 +25,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import pathlib
-import platform
 import sys
 import tempfile
 import time
 
+import _benchlib
 import numpy as np
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-START, END = "<!-- mamba:start -->", "<!-- mamba:end -->"
 
 VARIANTS: list[tuple[str, dict]] = [
     ("plain W8A8", {"hadamard": False, "percentile": None}),
@@ -102,18 +97,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _versions() -> str:
-    import importlib.metadata as md
-
-    parts = [f"Python {platform.python_version()}"]
-    for pkg in ("onnxq", "onnxruntime", "onnx", "onnx-ir", "torch", "transformers", "numpy"):
-        try:
-            parts.append(f"{pkg} {md.version(pkg)}")
-        except md.PackageNotFoundError:
-            pass
-    return ", ".join(parts)
-
-
 def _summary(rows: list[dict]) -> str:
     out = []
     for name, _ in VARIANTS:
@@ -124,13 +107,9 @@ def _summary(rows: list[dict]) -> str:
 
 
 def docs_section(rows: list[dict], command: str, steps: int) -> str:
-    return f"""{START}
-## Quamba ablation on tiny Mambas (`tools/bench_mamba.py`)
+    return f"""## Quamba ablation on tiny Mambas (`tools/bench_mamba.py`)
 
-- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}
-- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores
-- Versions: {_versions()}
-- Command: `{command}`
+{_benchlib.provenance(command)}
 
 Tiny random `MambaForCausalLM` models from `onnxq.zoo.mamba.tiny_mamba_dir` (2 layers,
 state 16, conv 4, vocab 256) with planted outliers: three SSM-output channels (the
@@ -154,23 +133,7 @@ clipping of the SSM input changes nothing measurable here: at 99.999 with 8 x {s
 D_inner calibration values the clip sits at (almost) the max, and in an ONNX graph the
 quantized SSM input only feeds x_proj (the FP32 scan reads the unquantized tensor;
 Quamba's INT8 scan kernel reads the quantized one). Random tiny models have no
-heavy-tailed SSM input; the effect Quamba reports on trained Mambas is not reproduced.
-{END}"""
-
-
-def write_docs(section: str) -> pathlib.Path:
-    path = REPO / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# onnxq benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+heavy-tailed SSM input; the effect Quamba reports on trained Mambas is not reproduced."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(rows))
     if args.write_docs:
         command = "python tools/bench_mamba.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        path = write_docs(docs_section(rows, command.strip(), args.steps))
+        path = _benchlib.write_section("mamba", docs_section(rows, command.strip(), args.steps))
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

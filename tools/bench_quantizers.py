@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import pathlib
@@ -33,8 +32,7 @@ import tempfile
 import time
 from typing import Any
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-START, END = "<!-- bench_quantizers:start -->", "<!-- bench_quantizers:end -->"
+import _benchlib
 
 # name -> (kind, description, settings). "static" = quantize_static (QDQ), "dynamic" =
 # quantize_dynamic. Settings are symbolic so the child process can build the enums.
@@ -82,22 +80,7 @@ def _vm(field: str) -> float:
     return float("nan")
 
 
-def _model_and_tokenizer(work: pathlib.Path):
-    """The FP32 graph every method starts from, and the tokenizer folder."""
-    import onnxq
-
-    fp32 = work / "fp32.onnx"
-    meta = work / "fp32.json"
-    if not fp32.exists() or not meta.exists():
-        model, tok = onnxq.load_source(None)  # = onnxq.export(None), keeping the folder
-        onnxq.prepare(model)
-        onnxq.save(model, fp32)  # one file for MiniLM (ORT's quantizer needs that)
-        meta.write_text(json.dumps({"tokenizer": str(tok)}))
-    tok = json.loads(meta.read_text())["tokenizer"]
-    return fp32, pathlib.Path(tok)
-
-
-def _data(fp32: pathlib.Path, tok: pathlib.Path, samples: int, split: str):
+def _data(fp32: pathlib.Path, tok: str, samples: int, split: str):
     import onnxq
     from onnxq.calibration.data import input_specs, load_calibration
 
@@ -133,7 +116,7 @@ def _ort_worker(spec: dict[str, Any]) -> dict[str, Any]:
     )
 
     work = pathlib.Path(spec["work"])
-    fp32, tok = _model_and_tokenizer(work)
+    fp32, tok = _benchlib.prepare_minilm(work)
     out = pathlib.Path(spec["output"])
     kind, _, s = ORT_VARIANTS[spec["name"]]
     if kind == "dynamic":
@@ -369,7 +352,7 @@ def _speed(rows: list[Row], threads: int, warmup: int, repeat: int,
     live = [r for r in rows if r.ok]
     res = bench([str(r.path) for r in live], batch=32, seq_len=128, threads=threads,
                 warmup=warmup, repeat=repeat, seconds=seconds)
-    for r, b in zip(live, res):
+    for r, b in zip(live, res, strict=True):
         r.median_ms, r.speedup = b.median_ms, b.speedup
     return format_table(res, names=[r.name for r in live])
 
@@ -401,48 +384,19 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 def _machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = ""
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-        fl = next((x for x in text.splitlines() if x.startswith("flags")), "")
-        have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f" {f}" in fl]
-        flags = f" ({', '.join(have)})" if have else ""
-    except OSError:
-        pass
-    return f"{cpu}{flags}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}"
-
-
-def _versions() -> str:
-    import importlib.metadata as md
-
-    parts = [f"Python {platform.python_version()}"]
-    for pkg in ("onnxq", "onnxruntime", "onnx", "onnx-ir", "torch", "transformers", "numpy"):
-        try:
-            parts.append(f"{pkg} {md.version(pkg)}")
-        except md.PackageNotFoundError:
-            pass
-    return ", ".join(parts)
+    isa = _benchlib.cpu_isa()
+    flags = f" ({', '.join(isa)})" if isa else ""
+    return (f"{_benchlib.cpu_model() or 'unknown CPU'}{flags}, {os.cpu_count()} logical cores, "
+            f"{platform.system()} {platform.machine()}")
 
 
 def docs_section(rows: list[Row], args, command: str, bench_table: str) -> str:
     descr = "\n".join(f"- **{r.name}**: {r.description}" for r in rows)
     calib = "64" if args.quick else str(args.samples)
     held = "64" if args.quick else str(args.heldout)
-    return f"""{START}
-## Static INT8 quantizers on all-MiniLM-L6-v2 (`tools/bench_quantizers.py`)
+    return f"""## Static INT8 quantizers on all-MiniLM-L6-v2 (`tools/bench_quantizers.py`)
 
-- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}
-- Machine: {_machine()}
-- Versions: {_versions()}
-- Command: `{command}`
+{_benchlib.provenance(command, machine=_machine())}
 
 All methods start from the same FP32 graph (onnxq export + canonicalize, saved as one
 file) and calibrate on the same feeds: onnxq's default "calib" text, {calib} samples,
@@ -466,24 +420,7 @@ Interleaved timing run:
 
 ```
 {bench_table}
-```
-{END}"""
-
-
-def write_docs(section: str) -> pathlib.Path:
-    path = REPO / "docs" / "benchmarks.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text() if path.exists() else "# onnxq benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+```"""
 
 
 # --------------------------------------------------------------------------- main
@@ -568,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
 
     say(f"exporting FP32 to {work}")
-    fp32_path, tok = _model_and_tokenizer(work)
+    fp32_path, tok = _benchlib.prepare_minilm(work)
     rows: list[Row] = [Row("fp32", "the FP32 graph all methods start from", fp32_path)]
 
     if not args.skip_ort:
@@ -628,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(bench_table)
     if args.write_docs:
-        path = write_docs(docs_section(rows, args, command, bench_table))
+        path = _benchlib.write_section("bench_quantizers",
+                                     docs_section(rows, args, command, bench_table))
         say(f"updated {path}")
     return 0
 

@@ -27,6 +27,7 @@ import argparse
 import collections
 import datetime
 import json
+import os
 import pathlib
 import platform
 import subprocess
@@ -34,8 +35,7 @@ import sys
 import tempfile
 from typing import Any
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-START, END = "<!-- speed:start -->", "<!-- speed:end -->"
+import _benchlib
 
 # name -> (description, Recipe overrides) for onnxq rows
 ONNXQ_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -46,19 +46,6 @@ ONNXQ_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "onnxq ort-cpu fp-attn": ("default, attention MatMuls (QK^T, PV) left in float",
                               {"quantize_attention": False}),
 }
-
-
-def _prepare(work: pathlib.Path) -> tuple[pathlib.Path, str]:
-    import onnxq
-
-    fp32 = work / "fp32.onnx"
-    meta = work / "fp32.json"
-    if not fp32.exists() or not meta.exists():
-        model, tok = onnxq.load_source(None)
-        onnxq.prepare(model)
-        onnxq.save(model, fp32)
-        meta.write_text(json.dumps({"tokenizer": str(tok)}))
-    return fp32, json.loads(meta.read_text())["tokenizer"]
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -201,26 +188,9 @@ def _gemm_ceiling(work: pathlib.Path, threads: int, repeat: int, sopts: dict) ->
     return lines
 
 
-def _versions() -> str:
-    import numpy
-    import onnx
-    import onnxruntime
-
-    return (f"Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}, "
-            f"onnx {onnx.__version__}, numpy {numpy.__version__}")
-
-
 def _cpu() -> str:
-    try:
-        info = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine()
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
-                  if ln.startswith("model name")), platform.machine())
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines()
-                  if ln.startswith("flags")), [])
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]
-    return f"{model} ({', '.join(isa) or 'no AVX2'}), {info.count('processor')} logical cores"
+    isa = ", ".join(_benchlib.cpu_isa()) or "no AVX2"
+    return f"{_benchlib.cpu_model() or platform.machine()} ({isa}), {os.cpu_count()} logical cores"
 
 
 def main() -> None:
@@ -243,7 +213,7 @@ def main() -> None:
 
     work = args.work or pathlib.Path(tempfile.gettempdir()) / "onnxq-bench-speed"
     work.mkdir(parents=True, exist_ok=True)
-    fp32, tok = _prepare(work)
+    fp32, tok = _benchlib.prepare_minilm(work)
     paths = {"fp32": fp32}
     desc = {"fp32": "FP32 graph (onnxq export + canonicalize)",
             "ort-dynamic": "onnxruntime `quantize_dynamic`, QInt8 weights"}
@@ -276,13 +246,13 @@ def main() -> None:
 
     ceiling = _gemm_ceiling(work, args.threads, args.repeat, sopts)
     print("\n".join(ceiling), flush=True)
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "python tools/bench_speed.py " + " ".join(a for a in sys.argv[1:])
     lines = [
         "## INT8 speed on onnxruntime CPU (`tools/bench_speed.py`)",
         "",
         f"- Date: {now}; {_cpu()}",
-        f"- Versions: {_versions()}",
+        f"- Versions: {_benchlib.versions(('onnxruntime', 'onnx', 'numpy'))}",
         f"- Command: `{cmd.strip()}`",
         f"- Session: ORT_ENABLE_ALL, {args.threads} intra-op threads, config entries "
         f"{sopts or 'none'}. "
@@ -294,7 +264,7 @@ def main() -> None:
         "| ops after ORT optimisation |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for n, a, b in zip(names, r32, r1):
+    for n, a, b in zip(names, r32, r1, strict=True):
         f = fid[n]
         lines.append(f"| {n} | {f['mean_cos']:.4f} | {f['min_cos']:.4f} | {f['recall']:.3f} | "
                      f"{a.median_ms:.0f} | {a.speedup:.2f}x | {b.median_ms:.1f} | "
@@ -307,13 +277,7 @@ def main() -> None:
     print(md)
     (work / "speed.md").write_text(md)
     if args.write_docs:
-        doc = REPO / "docs" / "benchmarks.md"
-        text = doc.read_text()
-        if START in text and END in text:
-            text = text[: text.index(START) + len(START)] + "\n" + md + "\n" + text[text.index(END):]
-        else:
-            text = text.rstrip("\n") + f"\n\n{START}\n{md}\n{END}\n"
-        doc.write_text(text)
+        _benchlib.write_section("speed", md)
 
 
 if __name__ == "__main__":

@@ -31,17 +31,13 @@ Variants:
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import pathlib
-import platform
 import sys
 import tempfile
 
+import _benchlib
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-START, END = "<!-- vit:start -->", "<!-- vit:end -->"
 CALIB = 128
 
 
@@ -196,31 +192,12 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _versions() -> str:
-    import onnx
-    import onnx_ir
-    import onnxruntime
-    import torch
-    import transformers
-
-    import onnxq
-
-    return (f"Python {platform.python_version()}, onnxq {onnxq.__version__}, onnxruntime "
-            f"{onnxruntime.__version__}, onnx {onnx.__version__}, onnx-ir {onnx_ir.__version__}, "
-            f"torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"numpy {np.__version__}")
-
-
 def docs_section(rows: list[dict], command: str) -> str:
     held = rows[0]["held_out"] if rows else 0
     ratio = rows[0]["range_ratio"] if rows else 0
-    return f"""{START}
-## DopQ-ViT MOSF / TanQ on tiny ViT and DeiT (`tools/bench_vit.py`)
+    return f"""## DopQ-ViT MOSF / TanQ on tiny ViT and DeiT (`tools/bench_vit.py`)
 
-- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}
-- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores
-- Versions: {_versions()}
-- Command: `{command}`
+{_benchlib.provenance(command)}
 
 Tiny random `ViTForImageClassification` / `DeiTForImageClassificationWithTeacher` from
 `onnxq.zoo.vit.tiny_vit_dir` (32×32, patch 8, hidden 64, 2 layers, 4 heads, 10 labels;
@@ -255,23 +232,7 @@ investigated here). At W4A4 the
 simulation is dominated by the 4-bit linear inputs: MOSF is what makes it work at all, and
 TanQ (which lowers the softmax-output MSE about 2.5x against uniform 4-bit on the
 calibration histograms) changes the logits little on these 17/18-token models. These
-are tiny random models; the paper's ImageNet numbers are not reproduced.
-{END}"""
-
-
-def write_docs(section: str) -> pathlib.Path:
-    path = REPO / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# onnxq benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+are tiny random models; the paper's ImageNet numbers are not reproduced."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(rows))
     if args.write_docs:
         command = "python tools/bench_vit.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        path = write_docs(docs_section(rows, command.strip()))
+        path = _benchlib.write_section("vit", docs_section(rows, command.strip()))
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -41,6 +41,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.passes import _ir_utils as utils
+from onnxq.passes.fuse_layer_norm import _is, _other
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +58,6 @@ class _Match:
     output: ir.Value
     approximate: str
     constants: list[ir.Value | None]
-
-
-def _is(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
-
-
-def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
-    a, b = node.inputs[0], node.inputs[1]
-    if a is value:
-        return b
-    if b is value:
-        return a
-    return None
 
 
 class FuseGeluPass(ir.passes.InPlacePass):
@@ -128,6 +116,21 @@ class FuseGeluPass(ir.passes.InPlacePass):
         return None
 
     def _match_tail(
+        self, fx: ir.Node, x: ir.Value
+    ) -> tuple[list[ir.Node], ir.Value, list[ir.Value | None]] | str:
+        """Match ``0.5 * x * (1 + fx)`` after the Erf/Tanh node ``fx``; return (nodes, output,
+        constants), the ``Add`` of 1 first."""
+        add = utils.single_consumer(fx.outputs[0])
+        one = self._const_operand(add, 1.0) if _is(add, "Add") else None
+        if one is None or one[0] is not fx.outputs[0]:
+            return f"{fx.op_type} is not followed by + 1"
+        product = self._match_product(add.outputs[0], x)
+        if isinstance(product, str):
+            return product
+        nodes, output, constants = product
+        return [add, *nodes], output, [one[1], *constants]
+
+    def _match_product(
         self, one_plus: ir.Value, x: ir.Value
     ) -> tuple[list[ir.Node], ir.Value, list[ir.Value | None]] | str:
         """Match ``0.5 * x * one_plus`` in any grouping; return (nodes, output, constants)."""
@@ -169,20 +172,16 @@ class FuseGeluPass(ir.passes.InPlacePass):
             return "Erf input is not x / sqrt(2)"
         if x is None:
             return "x is missing"
-        add = utils.single_consumer(erf.outputs[0])
-        found = self._const_operand(add, 1.0) if _is(add, "Add") else None
-        if found is None or found[0] is not erf.outputs[0]:
-            return "Erf is not followed by + 1"
-        tail = self._match_tail(add.outputs[0], x)
+        tail = self._match_tail(erf, x)
         if isinstance(tail, str):
             return tail
         nodes, output, constants = tail
         return _Match(
             x=x,
-            nodes=[scaled, erf, add, *nodes],
+            nodes=[scaled, erf, *nodes],
             output=output,
             approximate="none",
-            constants=[divisor, found[1], *constants],
+            constants=[divisor, *constants],
         )
 
     def _match_cube(
@@ -231,20 +230,16 @@ class FuseGeluPass(ir.passes.InPlacePass):
             if cube is None:
                 continue
             cube_nodes, cube_consts = cube
-            add = utils.single_consumer(tanh.outputs[0])
-            one = self._const_operand(add, 1.0) if _is(add, "Add") else None
-            if one is None or one[0] is not tanh.outputs[0]:
-                return "Tanh is not followed by + 1"
-            tail = self._match_tail(add.outputs[0], x)
+            tail = self._match_tail(tanh, x)
             if isinstance(tail, str):
                 return tail
             nodes, output, constants = tail
             return _Match(
                 x=x,
-                nodes=[*cube_nodes, w_node, s_node, k_node, tanh, add, *nodes],
+                nodes=[*cube_nodes, w_node, s_node, k_node, tanh, *nodes],
                 output=output,
                 approximate="tanh",
-                constants=[*cube_consts, found[1], k_const, one[1], *constants],
+                constants=[*cube_consts, found[1], k_const, *constants],
             )
         return "inner term is not x + 0.044715 * x^3"
 

@@ -112,6 +112,45 @@ def _as_vector(array: np.ndarray, x: ir.Value, size: int | None) -> np.ndarray |
     return flat
 
 
+def _vector_operand(
+    node: ir.Node | None, op_type: str, value: ir.Value, x: ir.Value, size: int | None
+) -> tuple[np.ndarray, ir.Value] | None:
+    """``(vector, constant)`` if ``node`` is ``op_type(value, constant)`` (either order) with a
+    constant that broadcasts over ``x``'s last axis only (see :func:`_as_vector`), else None."""
+    if not _is(node, op_type):
+        return None
+    candidate = _other(node, value)
+    array = utils.const_array(candidate)
+    vector = None if array is None else _as_vector(array, x, size)
+    return None if vector is None else (vector, candidate)
+
+
+def _mean_eps_sqrt(
+    square: ir.Node, x: ir.Value, constants: list[ir.Value | None]
+) -> tuple[list[ir.Node], float] | str:
+    """Match ``Sqrt(Add(ReduceMean(square, last axis), eps))`` after ``square``.
+
+    Returns the three nodes (ReduceMean, Add, Sqrt) and ``eps`` and appends the
+    pattern's constants to ``constants``; a string is the rejection reason.
+    """
+    mean = utils.single_consumer(square.outputs[0])
+    if not _is(mean, "ReduceMean") or not _reduces_last_axis(mean, x):
+        return "square is not averaged over the last axis"
+    constants.extend(mean.inputs[1:])
+    add_eps = utils.single_consumer(mean.outputs[0])
+    if not _is(add_eps, "Add"):
+        return "mean square is not followed by Add(eps)"
+    eps_value = _other(add_eps, mean.outputs[0])
+    epsilon = utils.scalar(eps_value)
+    if epsilon is None or epsilon < 0:
+        return "epsilon is not a non-negative constant scalar"
+    constants.append(eps_value)
+    sqrt = utils.single_consumer(add_eps.outputs[0])
+    if not _is(sqrt, "Sqrt"):
+        return "no Sqrt after the epsilon"
+    return [mean, add_eps, sqrt], epsilon
+
+
 def _last_dim(x: ir.Value) -> int | None:
     if x.shape is None or x.shape.rank() == 0:
         return None
@@ -149,23 +188,12 @@ def _match(mean: ir.Node) -> _Match | str:
     if square is None or norm is None:
         return "no square of the centred value"
 
-    var = utils.single_consumer(square.outputs[0])
-    if not _is(var, "ReduceMean") or not _reduces_last_axis(var, x):
-        return "square is not averaged over the last axis"
-    constants.extend(var.inputs[1:])
-    add_eps = utils.single_consumer(var.outputs[0])
-    if not _is(add_eps, "Add"):
-        return "variance is not followed by Add(eps)"
-    eps_value = _other(add_eps, var.outputs[0])
-    epsilon = utils.scalar(eps_value)
-    if epsilon is None or epsilon < 0:
-        return "epsilon is not a non-negative constant scalar"
-    constants.append(eps_value)
-    sqrt = utils.single_consumer(add_eps.outputs[0])
-    if not _is(sqrt, "Sqrt"):
-        return "no Sqrt after the epsilon"
-
-    nodes = [mean, sub, square, var, add_eps, sqrt]
+    found = _mean_eps_sqrt(square, x, constants)
+    if isinstance(found, str):
+        return found
+    tail, epsilon = found
+    sqrt = tail[-1]
+    nodes = [mean, sub, square, *tail]
     if _is(norm, "Div"):
         if norm.inputs[0] is not d or norm.inputs[1] is not sqrt.outputs[0]:
             return "Div is not (x - mean) / std"
@@ -190,25 +218,20 @@ def _match(mean: ir.Node) -> _Match | str:
     gamma = beta = None
     gamma_value = beta_value = None
     mul = utils.single_consumer(output)
-    if _is(mul, "Mul"):
-        candidate = _other(mul, output)
-        array = utils.const_array(candidate)
-        vector = None if array is None else _as_vector(array, x, size)
-        if vector is not None:
-            gamma, gamma_value, size = vector, candidate, vector.size
-            constants.append(candidate)
-            nodes.append(mul)
-            output = mul.outputs[0]
-            add = utils.single_consumer(output)
-            if _is(add, "Add"):
-                candidate = _other(add, output)
-                array = utils.const_array(candidate)
-                vector = None if array is None else _as_vector(array, x, size)
-                if vector is not None:
-                    beta, beta_value = vector, candidate
-                    constants.append(candidate)
-                    nodes.append(add)
-                    output = add.outputs[0]
+    found_gamma = _vector_operand(mul, "Mul", output, x, size)
+    if found_gamma is not None:
+        gamma, gamma_value = found_gamma
+        size = gamma.size
+        constants.append(gamma_value)
+        nodes.append(mul)
+        output = mul.outputs[0]
+        add = utils.single_consumer(output)
+        found_beta = _vector_operand(add, "Add", output, x, size)
+        if found_beta is not None:
+            beta, beta_value = found_beta
+            constants.append(beta_value)
+            nodes.append(add)
+            output = add.outputs[0]
     if size is None:
         return "size of the normalised axis is unknown"
     return _Match(

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.passes import _ir_utils as utils
-from onnxq.passes.fuse_layer_norm import _as_vector, _is, _last_dim, _other, _reduces_last_axis
+from onnxq.passes.fuse_layer_norm import _is, _last_dim, _mean_eps_sqrt, _other, _vector_operand
 
 logger = logging.getLogger(__name__)
 
@@ -44,22 +44,12 @@ def _match(square: ir.Node):
         constants.append(square.inputs[1])
     elif not (_is(square, "Mul") and square.inputs[0] is x and square.inputs[1] is x):
         return "not a square"
-    mean = utils.single_consumer(square.outputs[0])
-    if not _is(mean, "ReduceMean") or not _reduces_last_axis(mean, x):
-        return "square is not averaged over the last axis"
-    constants.extend(mean.inputs[1:])
-    add_eps = utils.single_consumer(mean.outputs[0])
-    if not _is(add_eps, "Add"):
-        return "mean square is not followed by Add(eps)"
-    eps_value = _other(add_eps, mean.outputs[0])
-    epsilon = utils.scalar(eps_value)
-    if epsilon is None or epsilon < 0:
-        return "epsilon is not a non-negative constant scalar"
-    constants.append(eps_value)
-    sqrt = utils.single_consumer(add_eps.outputs[0])
-    if not _is(sqrt, "Sqrt"):
-        return "no Sqrt after the epsilon"
-    nodes = [square, mean, add_eps, sqrt]
+    found = _mean_eps_sqrt(square, x, constants)
+    if isinstance(found, str):
+        return found
+    tail, epsilon = found
+    sqrt = tail[-1]
+    nodes = [square, *tail]
     reader = utils.single_consumer(sqrt.outputs[0])
     if _is(reader, "Div"):
         if reader.inputs[0] is not x or reader.inputs[1] is not sqrt.outputs[0]:
@@ -77,15 +67,13 @@ def _match(square: ir.Node):
     output = norm.outputs[0]
     gamma = None
     mul = utils.single_consumer(output)
-    if _is(mul, "Mul") and not output.is_graph_output():
-        candidate = _other(mul, output)
-        array = utils.const_array(candidate)
-        vector = None if array is None else _as_vector(array, x, size)
-        if vector is not None:
-            gamma, size = vector, vector.size
-            constants.append(candidate)
-            nodes.append(mul)
-            output = mul.outputs[0]
+    found_gamma = None if output.is_graph_output() else _vector_operand(mul, "Mul", output, x, size)
+    if found_gamma is not None:
+        gamma, gamma_value = found_gamma
+        size = gamma.size
+        constants.append(gamma_value)
+        nodes.append(mul)
+        output = mul.outputs[0]
     if gamma is None:
         if size is None:
             return "no gamma and the last dimension is unknown"

@@ -67,7 +67,7 @@ from onnxq.passes.hadamard import (
     rotate_last,
 )
 
-__all__ = ["HADAMARD_KEY", "OnlineHadamardPass", "fold_hadamard_into_rows"]
+__all__ = ["HADAMARD_KEY", "OnlineHadamardPass", "fold_hadamard_into_rows", "insert_online_hadamard"]
 
 #: Metadata key marking linears into which a Hadamard rotation was folded.
 HADAMARD_KEY = "onnxq.hadamard"
@@ -82,6 +82,74 @@ _O_PATH = {"Transpose", "Reshape", "Identity", "Cast"}
 def fold_hadamard_into_rows(w: np.ndarray, seed: int | None) -> np.ndarray:
     """``Qᵀ W`` for a ``[n, N]`` weight, ``Q = diag(s) H_n / √n`` (float64)."""
     return rotate_last(np.asarray(w, np.float64).T, seed=seed).T
+
+
+def insert_online_hadamard(
+    graph: ir.Graph,
+    node: ir.Node,
+    n: int,
+    *,
+    seed: int | None,
+    dense: bool,
+    metadata: dict[str, str],
+    base: str | None = None,
+    matrix_suffix: str = "hadamard",
+) -> tuple[list[ir.Node], tuple[int, ...]]:
+    """Rotate input 0 of ``node`` in the graph: ``x ← x Q``, ``Q = diag(s) H_n / √n``.
+
+    ``dense``: one ``MatMul`` with the ``n × n`` constant ``Q`` (initializer
+    ``<base>_<matrix_suffix>``); otherwise the Kronecker form ``H_n = H_a ⊗ H_b``,
+    ``[Mul(s)] → Reshape(…, a, b) → MatMul(·, H_b) → MatMul(H_aᵀ, ·) → Reshape(…, n)``,
+    which needs the rank of ``x`` (the caller checks it is known).  Every inserted node
+    carries a copy of ``metadata``; value and initializer names start with ``base``
+    (default: ``x``'s name, else ``"x"``).  Folding ``Qᵀ`` into the weight is left
+    to the caller.
+
+    Returns:
+        The inserted nodes (in order) and the factors: ``(n,)`` dense, ``(a, b)`` otherwise.
+    """
+    x = node.inputs[0]
+    base = base or x.name or "x"
+    dtype = x.dtype.numpy() if x.dtype is not None else np.dtype(np.float32)
+    nodes: list[ir.Node] = []
+
+    def new_out(suffix: str, shape: ir.Shape | None = None) -> ir.Value:
+        return ir.Value(name=unique_name(graph, f"{base}_{suffix}"), type=x.type, shape=shape)
+
+    def add(op: str, inputs: list[ir.Value], out: ir.Value) -> ir.Value:
+        nodes.append(ir.node(op, inputs, outputs=[out],
+                             name=unique_name(graph, f"{out.name}_{op}"),
+                             metadata_props=dict(metadata)))
+        return out
+
+    if dense:
+        h = make_initializer(graph, f"{base}_{matrix_suffix}",
+                             hadamard_matrix(n, seed=seed).astype(dtype))
+        y = add("MatMul", [x, h], new_out("hadamard", x.shape))
+        factors: tuple[int, ...] = (n,)
+    else:
+        a, b = kron_factors(n)
+        cur = x
+        if seed is not None:
+            sv = make_initializer(graph, f"{base}_hadamard_signs",
+                                  random_signs(n, seed).astype(dtype))
+            cur = add("Mul", [cur, sv], new_out("hadamard_signed", x.shape))
+        lead = [0] * (len(x.shape) - 1)
+        shp = make_initializer(graph, f"{base}_hadamard_shape",
+                               np.array(lead + [a, b], dtype=np.int64))
+        cur = add("Reshape", [cur, shp], new_out("hadamard_ab"))
+        hb = make_initializer(graph, f"{base}_hadamard_b", hadamard_matrix(b).astype(dtype))
+        cur = add("MatMul", [cur, hb], new_out("hadamard_b"))
+        hat = make_initializer(graph, f"{base}_hadamard_aT",
+                               hadamard_matrix(a).T.astype(dtype).copy())
+        cur = add("MatMul", [hat, cur], new_out("hadamard_ab_rot"))
+        back = make_initializer(graph, f"{base}_hadamard_back",
+                                np.array(lead + [n], dtype=np.int64))
+        y = add("Reshape", [cur, back], new_out("hadamard", x.shape))
+        factors = (a, b)
+    graph.insert_before(node, nodes)
+    node.replace_input_with(0, y)
+    return nodes, factors
 
 
 def _weight_reason(unit: LinearUnit) -> str | None:
@@ -142,12 +210,9 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
         # the Hadamard MatMuls this pass inserted are linears too: never rotate them
         units = [u for u in find_linears(graph) if u.matmul.metadata_props.get(PASS_KEY) != name]
         patterns = [t for t in self.targets if t not in ("down_proj", "attention_out")]
-        online: list[LinearUnit] = []
-        for unit in units:
-            if "down_proj" in self.targets and _is_ffn_down(unit):
-                online.append(unit)
-            elif any(fnmatch.fnmatchcase(unit.module, p) for p in patterns):
-                online.append(unit)
+        online = [u for u in units
+                  if ("down_proj" in self.targets and _is_ffn_down(u))
+                  or any(fnmatch.fnmatchcase(u.module, p) for p in patterns)]
         for unit in online:
             if HADAMARD_KEY in unit.matmul.metadata_props:
                 continue
@@ -168,54 +233,14 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
         if not is_supported(n):
             return f"no Hadamard matrix of order {n}"
         x = unit.input
-        rank = len(x.shape) if x.shape is not None else None
         dense = n <= self.max_dense
-        if not dense and rank is None:
+        if not dense and x.shape is None:
             return f"input {x.name!r} has unknown rank (needed for the Kronecker reshape)"
         name = type(self).__name__
         module = f"{unit.module or unit.matmul.name}.online_hadamard"
-        meta = {PASS_KEY: name, "onnxq.module": module}
-        base = x.name or "x"
-        dtype = x.dtype.numpy() if x.dtype is not None else np.dtype(np.float32)
-        nodes: list[ir.Node] = []
-
-        def new_out(suffix, shape=None):
-            return ir.Value(name=unique_name(graph, f"{base}_{suffix}"), type=x.type,
-                            shape=shape)
-
-        def node(op, inputs, out, attrs=None):
-            nodes.append(ir.node(op, inputs, attrs, outputs=[out],
-                                 name=unique_name(graph, f"{out.name}_{op}"),
-                                 metadata_props=dict(meta)))
-            return out
-
-        if dense:
-            h = hadamard_matrix(n, seed=self.seed).astype(dtype)
-            hv = make_initializer(graph, f"{base}_hadamard", h)
-            y = node("MatMul", [x, hv], new_out("hadamard", x.shape))
-            factors = (n,)
-        else:
-            a, b = kron_factors(n)
-            cur = x
-            if self.seed is not None:
-                sv = make_initializer(graph, f"{base}_hadamard_signs",
-                                      random_signs(n, self.seed).astype(dtype))
-                cur = node("Mul", [cur, sv], new_out("hadamard_signed", x.shape))
-            lead = [0] * (rank - 1)
-            shp = make_initializer(graph, f"{base}_hadamard_shape",
-                                   np.array(lead + [a, b], dtype=np.int64))
-            cur = node("Reshape", [cur, shp], new_out("hadamard_ab"))
-            hb = make_initializer(graph, f"{base}_hadamard_b", hadamard_matrix(b).astype(dtype))
-            cur = node("MatMul", [cur, hb], new_out("hadamard_b"))
-            hat = make_initializer(graph, f"{base}_hadamard_aT",
-                                   hadamard_matrix(a).T.astype(dtype).copy())
-            cur = node("MatMul", [hat, cur], new_out("hadamard_ab_rot"))
-            back = make_initializer(graph, f"{base}_hadamard_back",
-                                    np.array(lead + [n], dtype=np.int64))
-            y = node("Reshape", [cur, back], new_out("hadamard", x.shape))
-            factors = (a, b)
-        graph.insert_before(unit.matmul, nodes)
-        unit.matmul.replace_input_with(0, y)
+        nodes, factors = insert_online_hadamard(
+            graph, unit.matmul, n, seed=self.seed, dense=dense,
+            metadata={PASS_KEY: name, "onnxq.module": module})
         _set_const(graph, unit.matmul, 1,
                    fold_hadamard_into_rows(w, self.seed).astype(w.dtype),
                    f"{unit.weight.name or 'weight'}_hadamard")

@@ -51,8 +51,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.passes._ir_utils import PASS_KEY, make_initializer, unique_name
+from onnxq.passes._ir_utils import PASS_KEY
 from onnxq.passes._patterns import LinearUnit, const_array, find_linears
+from onnxq.passes.channel_fold import _set_const
+from onnxq.passes.hadamard import hadamard_matrix, is_supported, random_signs
+from onnxq.passes.online_hadamard import HADAMARD_KEY, insert_online_hadamard
 
 __all__ = [
     "HADAMARD_KEY",
@@ -67,9 +70,6 @@ __all__ = [
     "ssm_tensors",
 ]
 
-#: Metadata key marking a linear whose input was Hadamard-rotated (shared with
-#: :mod:`onnxq.passes.online_hadamard`).
-HADAMARD_KEY = "onnxq.hadamard"
 #: ``keep_fp`` patterns for InsertQDQPass: the inserted Hadamard nodes stay float.
 QUAMBA_KEEP_FP: tuple[str, ...] = ("*.online_hadamard",)
 #: Quamba-v1's percentile for the SSM input (α = 0.99999).
@@ -79,56 +79,8 @@ _ROLE_KEY = "onnxq.role"
 _FALLBACK_GLOB = "*mixer.out_proj"
 
 
-# --------------------------------------------------------------------------- Hadamard
-
-
-def _hadamard(n: int, seed: int | None = None) -> np.ndarray:
-    """Orthonormal ``diag(s) H_n / √n`` (float64), from onnxq.passes.hadamard when present."""
-    try:
-        from onnxq.passes.hadamard import hadamard_matrix
-    except ImportError:  # pragma: no cover - fallback until hadamard.py is unified
-        return _sylvester(n, seed)
-    return hadamard_matrix(n, seed=seed)
-
-
-def _kron_factors(n: int) -> tuple[int, int]:
-    try:
-        from onnxq.passes.hadamard import kron_factors
-    except ImportError:  # pragma: no cover
-        a = 1 << ((n.bit_length() - 1) // 2 + (n.bit_length() - 1) % 2)
-        return a, n // a
-    return kron_factors(n)
-
-
-def _signs(n: int, seed: int | None) -> np.ndarray:
-    try:
-        from onnxq.passes.hadamard import random_signs
-    except ImportError:  # pragma: no cover
-        if seed is None:
-            return np.ones(n)
-        return np.random.default_rng(seed).integers(0, 2, size=n) * 2.0 - 1.0
-    return random_signs(n, seed)
-
-
-def _sylvester(n: int, seed: int | None = None) -> np.ndarray:  # pragma: no cover - fallback
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"the fallback Hadamard needs a power of two, got {n}")
-    h = np.ones((1, 1))
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
-    return _signs(n, seed)[:, None] * h / np.sqrt(n)
-
-
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
-
-
-def _supported(n: int) -> bool:
-    try:
-        from onnxq.passes.hadamard import is_supported
-    except ImportError:  # pragma: no cover
-        return _is_pow2(n)
-    return is_supported(n)
 
 
 # --------------------------------------------------------------------------- the pass
@@ -201,75 +153,35 @@ class QuambaPass(ir.passes.InPlacePass):
         if w is None:
             return f"weight {w_val.name!r} is not a constant"
         n = int(w.shape[0])
-        if not _supported(n):
+        if not is_supported(n):
             return f"no Hadamard matrix of order {n}"
         x = unit.input
-        rank = len(x.shape) if x.shape is not None else None
         dense = self.form == "dense" or (self.form == "auto" and _is_pow2(n) and n <= self.max_dense)
-        if not dense and rank is None:
+        if not dense and x.shape is None:
             return f"input {x.name!r} has unknown rank (needed for the Kronecker reshape)"
         module = f"{unit.module or unit.matmul.name}.online_hadamard"
         meta = {PASS_KEY: "QuambaPass", "onnxq.module": module, "onnxq.module_type": "Hadamard"}
-        base = x.name or "ssm_output"
-        dtype = x.dtype.numpy() if x.dtype is not None else np.dtype(np.float32)
-        nodes: list[ir.Node] = []
-
-        def out(suffix: str, shape: ir.Shape | None = None) -> ir.Value:
-            return ir.Value(name=unique_name(graph, f"{base}_{suffix}"), type=x.type, shape=shape)
-
-        def add(op: str, inputs: list[ir.Value], value: ir.Value) -> ir.Value:
-            nodes.append(ir.node(op, inputs, outputs=[value],
-                                 name=unique_name(graph, f"{value.name}_{op}"),
-                                 metadata_props=dict(meta)))
-            return value
-
+        nodes, factors = insert_online_hadamard(
+            graph, unit.matmul, n, seed=self.seed, dense=dense, metadata=meta,
+            base=x.name or "ssm_output", matrix_suffix="hadamard_matrix")
         w64 = np.asarray(w, np.float64)
         if dense:
-            q = _hadamard(n, self.seed)  # [n, n], x -> x q
-            rotated = add("MatMul", [x, make_initializer(graph, f"{base}_hadamard_matrix", q.astype(dtype))],
-                          out("hadamard", x.shape))
-            folded = q.T @ w64
-            factors: tuple[int, ...] = (n,)
+            folded = hadamard_matrix(n, seed=self.seed).T @ w64
         else:
-            a, b = _kron_factors(n)
-            ha, hb = _hadamard(a), _hadamard(b)
-            signs = _signs(n, self.seed)
-            cur = x
-            if self.seed is not None:
-                sv = make_initializer(graph, f"{base}_hadamard_signs", signs.astype(dtype))
-                cur = add("Mul", [cur, sv], out("hadamard_signed", x.shape))
-            lead = [0] * (rank - 1)
-            shp = make_initializer(graph, f"{base}_hadamard_shape", np.array(lead + [a, b], np.int64))
-            cur = add("Reshape", [cur, shp], out("hadamard_ab"))
-            cur = add("MatMul", [cur, make_initializer(graph, f"{base}_hadamard_b", hb.astype(dtype))],
-                      out("hadamard_b"))
-            hat = make_initializer(graph, f"{base}_hadamard_aT", np.ascontiguousarray(ha.T).astype(dtype))
-            cur = add("MatMul", [hat, cur], out("hadamard_ab_rot"))
-            back = make_initializer(graph, f"{base}_hadamard_back", np.array(lead + [n], np.int64))
-            rotated = add("Reshape", [cur, back], out("hadamard", x.shape))
             # Q = diag(s) (H_a ⊗ H_b): Qᵀ W = (H_a ⊗ H_b)ᵀ (s ⊙ W), applied factor-wise.
-            ws = (signs[:, None] * w64).reshape(a, b, -1)
-            folded = np.einsum("ip,jq,ijk->pqk", ha, hb, ws, optimize=True).reshape(n, -1)
-            factors = (a, b)
-        graph.insert_before(unit.matmul, nodes)
-        unit.matmul.replace_input_with(0, rotated)
-        self._set_weight(graph, unit.matmul, folded.astype(w.dtype), f"{w_val.name or 'weight'}_hadamard")
+            a, b = factors
+            ws = (random_signs(n, self.seed)[:, None] * w64).reshape(a, b, -1)
+            folded = np.einsum("ip,jq,ijk->pqk", hadamard_matrix(a), hadamard_matrix(b), ws,
+                               optimize=True).reshape(n, -1)
+        _set_const(graph, unit.matmul, 1, folded.astype(w.dtype), f"{w_val.name or 'weight'}_hadamard")
         unit.matmul.metadata_props[HADAMARD_KEY] = "QuambaPass"
         result.modified = True
         result.sites.append({
             "module": unit.module, "size": n, "form": "dense" if dense else "kronecker",
-            "factors": factors, "seed": self.seed, "rotated": rotated.name,
+            "factors": factors, "seed": self.seed, "rotated": unit.matmul.inputs[0].name,
             "nodes": [nd.op_type for nd in nodes],
         })
         return None
-
-    @staticmethod
-    def _set_weight(graph: ir.Graph, node: ir.Node, array: np.ndarray, base: str) -> None:
-        old = node.inputs[1]
-        if old is not None and old.is_initializer() and len(old.uses()) == 1 and old.name in graph.initializers:
-            old.const_value = ir.tensor(np.ascontiguousarray(array), name=old.name)
-            return
-        node.replace_input_with(1, make_initializer(graph, base, array))
 
 
 # --------------------------------------------------------------------------- QDQ options

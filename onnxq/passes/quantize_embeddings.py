@@ -44,20 +44,21 @@ logger = logging.getLogger(__name__)
 PASS_TAG = "QuantizeEmbeddingsPass"
 
 
+def _quantize_rows(table: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    amax = np.abs(table).max(axis=1).astype(np.float64)
+    scale = np.maximum(amax / float(qmax), np.finfo(np.float32).tiny).astype(np.float32)
+    q = np.clip(np.rint(table / scale[:, None].astype(np.float64)), -qmax, qmax).astype(np.int8)
+    return q, scale
+
+
 def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per-row quantization: ``table ≈ q * scale[:, None]``."""
-    amax = np.abs(table).max(axis=1).astype(np.float64)
-    scale = np.maximum(amax / 127.0, np.finfo(np.float32).tiny).astype(np.float32)
-    q = np.clip(np.rint(table / scale[:, None].astype(np.float64)), -127, 127).astype(np.int8)
-    return q, scale
+    return _quantize_rows(table, 127)
 
 
 def quantize_rows_int4(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int4 per-row quantization: ``table ≈ q * scale[:, None]``, q in [-7, 7]."""
-    amax = np.abs(table).max(axis=1).astype(np.float64)
-    scale = np.maximum(amax / 7.0, np.finfo(np.float32).tiny).astype(np.float32)
-    q = np.clip(np.rint(table / scale[:, None].astype(np.float64)), -7, 7).astype(np.int8)
-    return q, scale
+    return _quantize_rows(table, 7)
 
 
 def pack_int4_rows(q: np.ndarray) -> np.ndarray:
@@ -67,6 +68,24 @@ def pack_int4_rows(q: np.ndarray) -> np.ndarray:
     if n.shape[1] % 2:
         n = np.concatenate([n, np.full((n.shape[0], 1), 8, np.uint8)], axis=1)
     return (n[:, 0::2] | (n[:, 1::2] << 4)).astype(np.uint8)
+
+
+def _replace_gather(graph: ir.Graph, node: ir.Node, table_v: ir.Value,
+                    new_nodes: list[ir.Node], new_out: ir.Value) -> None:
+    """Put ``new_nodes`` (computing ``new_out``) in place of the Gather ``node``; drop its table."""
+    graph.insert_before(node, new_nodes)
+    out = node.outputs[0]
+    if out.type is not None:
+        new_out.type = out.type
+    new_out.shape = out.shape
+    was_output = out.is_graph_output()
+    out.replace_all_uses_with(new_out, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    if was_output:  # keep the graph output's name
+        name = out.name
+        out.name = None
+        new_out.name = name
+    del graph.initializers[table_v.name]
 
 
 @dataclasses.dataclass
@@ -130,7 +149,6 @@ class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
         s_v = make_initializer(graph, f"{base}_row_scale", scale)
         axes = make_initializer(graph, f"{base}_unsqueeze_axes", np.array([-1], np.int64))
         ids = node.inputs[1]
-        out = node.outputs[0]
         meta = {"onnxq.pass": PASS_TAG, "onnxq.module": node.metadata_props.get("onnxq.module", "")}
 
         def val(suffix: str) -> ir.Value:
@@ -150,19 +168,7 @@ class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
         ]
         mul = ir.node("Mul", [rows_f, srow_u], outputs=[ir.Value(name=unique_name(graph, f"{base}_deq"))],
                       name=unique_name(graph, f"{base}_Mul"), metadata_props=dict(meta))
-        graph.insert_before(node, [*new_nodes, mul])
-        new_out = mul.outputs[0]
-        if out.type is not None:
-            new_out.type = out.type
-        new_out.shape = out.shape
-        was_output = out.is_graph_output()
-        out.replace_all_uses_with(new_out, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        if was_output:  # keep the graph output's name
-            name = out.name
-            out.name = None
-            new_out.name = name
-        del graph.initializers[table_v.name]
+        _replace_gather(graph, node, table_v, [*new_nodes, mul], mul.outputs[0])
 
     def _rewrite_int4(self, graph: ir.Graph, node: ir.Node, table_v: ir.Value, table: np.ndarray):
         base = table_v.name or "embedding"
@@ -181,7 +187,6 @@ class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
         offset = make_initializer(graph, f"{base}_nibble_offset",
                                   np.array(8, float_type.numpy()))
         ids = node.inputs[1]
-        out = node.outputs[0]
         meta = {"onnxq.pass": PASS_TAG, "onnxq.module": node.metadata_props.get("onnxq.module", "")}
 
         def val(suffix: str) -> ir.Value:
@@ -206,15 +211,4 @@ class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
             mk("Unsqueeze", [srow, axes], {}, srow_u, "Unsqueeze"),
             mk("Mul", [centered, srow_u], {}, new_out, "Mul"),
         ]
-        graph.insert_before(node, new_nodes)
-        if out.type is not None:
-            new_out.type = out.type
-        new_out.shape = out.shape
-        was_output = out.is_graph_output()
-        out.replace_all_uses_with(new_out, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        if was_output:  # keep the graph output's name
-            name = out.name
-            out.name = None
-            new_out.name = name
-        del graph.initializers[table_v.name]
+        _replace_gather(graph, node, table_v, new_nodes, new_out)

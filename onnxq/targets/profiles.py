@@ -86,6 +86,22 @@ _TRT_FORBID = (
 _TRT_NO_QDQ = ("LayerNormalization", "Softmax", "Gelu", "Erf", "SimplifiedLayerNormalization",
                "RMSNormalization", "Sigmoid", "Tanh")
 
+_TENSORRT = TargetProfile(
+    name="tensorrt",
+    activation_dtype="int8",
+    activation_symmetric=True,
+    min_opset=17,
+    max_opset=24,
+    quantize_attention_matmuls=True,
+    int4_block_sizes=(64, 128),
+    allowed_qdq_types=("int8", "int4"),
+    forbid_ops=_TRT_FORBID,
+    no_qdq_around=_TRT_NO_QDQ,
+    allow_custom_domains=False,
+    require_explicit_qdq_type=True,
+    allow_gemm_output_q=False,
+)
+
 TARGETS: dict[str, TargetProfile] = {
     "ort-cpu": TargetProfile(
         name="ort-cpu",
@@ -97,36 +113,15 @@ TARGETS: dict[str, TargetProfile] = {
         allowed_qdq_types=("int8", "uint8", "int32", "int4", "uint4"),
         fold_attention_scale=True,
     ),
-    "tensorrt": TargetProfile(
-        name="tensorrt",
-        activation_dtype="int8",
-        activation_symmetric=True,
-        min_opset=17,
-        max_opset=24,
-        quantize_attention_matmuls=True,
-        int4_block_sizes=(64, 128),
-        allowed_qdq_types=("int8", "int4"),
-        forbid_ops=_TRT_FORBID,
-        no_qdq_around=_TRT_NO_QDQ,
-        allow_custom_domains=False,
-        require_explicit_qdq_type=True,
-        allow_gemm_output_q=False,
-    ),
-    "jetson": TargetProfile(
+    "tensorrt": _TENSORRT,
+    # TensorRT as JetPack ships it: opset <= 21 and no int4 (see the module docstring).
+    "jetson": dataclasses.replace(
+        _TENSORRT,
         name="jetson",
-        activation_dtype="int8",
-        activation_symmetric=True,
-        min_opset=17,
         max_opset=21,
-        quantize_attention_matmuls=True,
         allow_int4_weights=False,
         int4_block_sizes=(),
         allowed_qdq_types=("int8",),
-        forbid_ops=_TRT_FORBID,
-        no_qdq_around=_TRT_NO_QDQ,
-        allow_custom_domains=False,
-        require_explicit_qdq_type=True,
-        allow_gemm_output_q=False,
     ),
 }
 
