@@ -48,6 +48,7 @@ from onnxq.passes._patterns import module_of
 __all__ = ["LayerError", "compare", "format_ranking", "quantized_sites", "ranking"]
 
 _FOLDED_KEY = "onnxq.folded"
+_PERM_KEY = "onnxq.peg.perm"  # onnxq.passes.peg.PERM_KEY
 _NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 _ELEMENTWISE = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.divide}
 
@@ -182,6 +183,15 @@ def _layer_output(matmul: ir.Node) -> ir.Value | None:
 Ref = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 
 
+def _split_sizes(node: ir.Node) -> list[int] | None:
+    """The output sizes of a ``Split`` (from its input or its ``split`` attribute)."""
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        arr = _const_array(node.inputs[1])
+        return None if arr is None else [int(x) for x in arr.reshape(-1)]
+    attr = node.attributes.get("split")
+    return None if attr is None else [int(x) for x in attr.as_ints()]
+
+
 class _Resolver:
     """Builds, per quantized-graph value, a function of FP32 tensors giving its reference."""
 
@@ -203,6 +213,18 @@ class _Resolver:
         tags = dict(prod.metadata_props) if prod is not None else {}
         transformed = PASS_KEY in tags or _FOLDED_KEY in tags
         ref_v = self.fp32_values.get(name)
+        perm = tags.get(_PERM_KEY)
+        if ref_v is not None and perm:
+            # PEG's contiguous layout permuted this tensor's channels (same name)
+            order = np.array([int(i) for i in perm.split(",")], dtype=np.int64)
+            self.needed.add(name)
+            return (lambda o, n=name, p=order: np.take(o[n], p, axis=-1)), \
+                "FP32 reference with PEG's channel permutation"
+        if ref_v is not None and prod is not None and prod.op_type == "Sum" \
+                and tags.get(PASS_KEY) == "PerEmbeddingGroupPass":
+            # PEG's Sum of partial products is the original MatMul (same name, same value)
+            self.needed.add(name)
+            return (lambda o, n=name: o[n]), ""
         if ref_v is not None:
             ref_prod = ref_v.producer()
             ref_tags = dict(ref_prod.metadata_props) if ref_prod is not None else {}
@@ -227,6 +249,18 @@ class _Resolver:
                 if inner is not None:
                     return (lambda o, f=inner, i=idx, a=axis: np.take(f(o), i, axis=a)), \
                         (note or "FP32 reference through the PEG Gather")
+        if prod.op_type == "Split" and transformed and prod.inputs and prod.inputs[0] is not None:
+            sizes = _split_sizes(prod)
+            axis = prod.attributes.get_int("axis", 0)
+            if sizes is not None and len(sizes) == len(prod.outputs):
+                k = next(i for i, o in enumerate(prod.outputs) if o is v)
+                start = int(sum(sizes[:k]))
+                inner, note = self.resolve(prod.inputs[0], depth + 1)
+                if inner is not None:
+                    def take(o, f=inner, a=axis, lo=start, hi=start + int(sizes[k])):
+                        x = f(o)
+                        return np.take(x, np.arange(lo, hi), axis=a)
+                    return take, (note or "FP32 reference through the PEG Split")
         if prod.op_type in _ELEMENTWISE and transformed and len(prod.inputs) == 2:
             a, b = prod.inputs
             op = _ELEMENTWISE[prod.op_type]

@@ -439,6 +439,8 @@ def restore_for_consumers(
         if bias is not None:
             new = (const_array(bias).astype(np.float64) + add).astype(const_array(bias).dtype)
             bias.const_value = ir.tensor(np.ascontiguousarray(new), name=bias.name)
+            bias_add = next(iter(bias.uses())).node
+            bias_add.metadata_props[PASS_KEY] = pass_name  # its output now carries + z
             add = None
     restored = _insert_mul_add(graph, value, s, add, f"{value.name or 'value'}_restored",
                                pass_name, module)

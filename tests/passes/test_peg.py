@@ -192,7 +192,9 @@ def test_producers_filter_and_gelu_outlier():
     res = PerEmbeddingGroupPass(stats=stats, producers=("Gelu",), groups=4)(model)
     assert [s["module"] for s in res.sites] == ["fc2"] and not res.skipped
     assert 5 in res.sites[0]["widest_group"]
-    assert op_counts(model)["Gather"] == 4
+    # fc2's input comes from fc1 -> Add -> Gelu: contiguous groups, one Split
+    assert res.sites[0]["layout"] == "split"
+    assert op_counts(model)["Split"] == 1 and op_counts(model)["Gather"] == 0
     assert model.graph.node("node_fc1_mm") is not None  # fc1 left alone
 
 
