@@ -45,8 +45,10 @@ __all__ = [
     "LSQQuantizer",
     "LearnedStats",
     "QATConfig",
+    "QATEmbedding",
     "QATLinear",
     "export_qdq",
+    "fake_quant_rows",
     "fake_quant_weight",
     "float_copy",
     "learned_scales",
@@ -111,23 +113,69 @@ class LSQQuantizer(nn.Module):
         return f"tensor={self.tensor!r}, scale={float(self.scale.detach()):.4g}, bits_max={self.qmax}"
 
 
+def _absmax_grid(x: torch.Tensor, qmax: int, dim: int) -> torch.Tensor:
+    """``clamp(rint(x / s), ±qmax) · s`` with ``s = float32(max|x| / qmax)`` along ``dim``.
+
+    Computed like onnxq's numpy quantizers (float64 division and rounding, float32
+    scale, float32 product), so that the fake-quantized values are bit-identical to
+    what the exported ``DequantizeLinear`` produces: a single tie rounded differently
+    flips downstream activation roundings and the difference grows layer by layer.
+    """
+    tiny = float(np.finfo(np.float32).tiny)
+    x = x.detach()
+    amax = x.abs().amax(dim=dim, keepdim=True).double()  # exact in float32
+    s = (amax / float(qmax)).float().clamp_min(tiny).double()
+    q = torch.clamp(torch.round(x.double() / s), -qmax, qmax)
+    return (q * s).to(x.dtype)
+
+
 def fake_quant_weight(w: torch.Tensor, bits: int = 8, block_size: int = 128) -> torch.Tensor:
     """InsertQDQPass's weight grid on a torch ``[out, in]`` weight, straight-through.
 
     ``bits=8``: per output channel, ``s = max|W_row| / 127``, values in [-127, 127].
     ``bits=4``: blocks of ``block_size`` input features, ``s = max|block| / 7``, values in
     [-7, 7]; inputs not divisible by ``block_size`` fall back to int8 per channel.
+    The values equal :func:`~onnxq.passes.insert_qdq.quantize_weight_blocked_int4` /
+    ``quantize_weight_per_channel`` followed by ``DequantizeLinear`` exactly.
     """
-    tiny = float(np.finfo(np.float32).tiny)
     out_f, in_f = w.shape
     if bits == 4 and in_f % block_size == 0:
         blocks = w.reshape(out_f, in_f // block_size, block_size)
-        s = (blocks.detach().abs().amax(dim=-1, keepdim=True) / 7.0).clamp_min(tiny)
-        q = torch.clamp(torch.round(blocks.detach() / s), -7, 7) * s
+        q = _absmax_grid(blocks, 7, -1)
         return w + (q.reshape(out_f, in_f) - w).detach()
-    s = (w.detach().abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(tiny)
-    q = torch.clamp(torch.round(w.detach() / s), -127, 127) * s
-    return w + (q - w).detach()
+    return w + (_absmax_grid(w, 127, 1) - w).detach()
+
+
+def fake_quant_rows(rows: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """:class:`~onnxq.passes.quantize_embeddings.QuantizeEmbeddingsPass`'s per-row grid
+    on looked-up embedding rows ``[..., H]`` (one scale per table row), straight-through."""
+    qmax = 127 if bits == 8 else 7
+    return rows + (_absmax_grid(rows, qmax, -1) - rows).detach()
+
+
+class QATEmbedding(nn.Embedding):
+    """``nn.Embedding`` whose looked-up rows are fake-quantized like the exported int8
+    table (per-row absmax).  Shares ``weight`` with the embedding it replaces."""
+
+    def __init__(self, emb: nn.Embedding, *, bits: int = 8):
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.padding_idx, self.max_norm = emb.padding_idx, emb.max_norm
+        self.norm_type, self.scale_grad_by_freq, self.sparse = (
+            emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
+        self.weight = emb.weight
+        self.bits = bits
+        self.quantize = True
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = super().forward(ids)
+        return fake_quant_rows(rows, self.bits) if self.quantize else rows
+
+    def to_embedding(self) -> nn.Embedding:
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
+                           _weight=self.weight.detach(), _freeze=False)
+        emb.weight = self.weight
+        return emb
 
 
 class QATLinear(nn.Linear):
@@ -181,6 +229,8 @@ class QATConfig:
     hadamard: tuple[str, ...] = ()
     hadamard_seed: int | None = 0
     quantize_attention: bool = True
+    #: simulated (and exported) int8 per-row embedding tables: ONNX table names
+    embedding_tables: tuple[str, ...] = ()
     opset: int = 21
     #: torch key ("<linear module>" or "<attention module>:q|k|p|v") -> ONNX tensor name
     tensors: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -210,7 +260,7 @@ class LearnedStats(Stats):
 def qat_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch all fake quantization (and rotations) of ``model`` on or off."""
     for mod in model.modules():
-        if isinstance(mod, QATLinear):
+        if isinstance(mod, (QATLinear, QATEmbedding)):
             mod.quantize = enabled
         elif isinstance(mod, LSQQuantizer):
             mod.enabled = enabled
@@ -223,6 +273,8 @@ def float_copy(model: nn.Module) -> nn.Module:
         for child_name, child in list(mod.named_children()):
             if isinstance(child, QATLinear):
                 setattr(mod, child_name, child.to_linear())
+            elif isinstance(child, QATEmbedding):
+                setattr(mod, child_name, child.to_embedding())
         if hasattr(mod, "onnxq_attn_quant"):
             del mod.onnxq_attn_quant
     if hasattr(m, "onnxq_qat"):
@@ -298,6 +350,13 @@ def _calibrate(graph: ir.Model, feeds) -> Stats:
     return calibrate(graph, feeds)
 
 
+def embedding_tables(graph: ir.Model) -> tuple[str, ...]:
+    """Names of the tables :class:`QuantizeEmbeddingsPass` stores as int8 rows in ``graph``."""
+    from onnxq.passes.quantize_embeddings import QuantizeEmbeddingsPass
+
+    return tuple(QuantizeEmbeddingsPass()(graph.clone()).tables)
+
+
 def _is_clipped_probs(graph: ir.Model, tensor: str) -> bool:
     for node in graph.graph:
         for out in node.outputs:
@@ -319,6 +378,7 @@ def prepare_qat(
     hadamard: str | Sequence[str] | bool = (),
     hadamard_seed: int | None = 0,
     quantize_attention: bool = True,
+    int8_embeddings: bool = True,
     batch_size: int = 32,
     seq_len: int = 128,
     stats: Stats | None = None,
@@ -339,6 +399,8 @@ def prepare_qat(
             get a rotated input, ``True`` for every linear of the encoder layers.
         hadamard_seed: random-sign seed of the rotation (None = plain Hadamard).
         quantize_attention: also fake-quantize ``Q``, ``K``, ``P``, ``V``.
+        int8_embeddings: simulate the int8 per-row embedding tables that
+            :func:`export_qdq` (like ``onnxq convert``) writes for large tables.
         stats: precomputed Stats of the reference graph (skips calibration).
 
     Returns:
@@ -364,6 +426,8 @@ def prepare_qat(
     if stats is None:
         stats = _calibrate(graph, _calib_feeds(graph, texts, feeds, tokenizer, batch_size, seq_len))
     cfg.tensors = tensor_map(graph, quantize_attention)
+    if int8_embeddings:
+        cfg.embedding_tables = embedding_tables(graph)
 
     quantizers: dict[str, LSQQuantizer] = {}
 
@@ -402,6 +466,15 @@ def prepare_qat(
                 roles[role] = quantizer(tensor, learnable=not fixed)
         if roles:
             mod.onnxq_attn_quant = nn.ModuleDict(roles)
+    embeddings = {f"{n}.weight": (n, m) for n, m in model.named_modules()
+                  if isinstance(m, nn.Embedding)}
+    for table in cfg.embedding_tables:
+        if table not in embeddings:
+            raise RuntimeError(f"embedding table {table!r} has no nn.Embedding in the model")
+        key, emb = embeddings[table]
+        parent_name, _, child = key.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        setattr(parent, child, QATEmbedding(emb, bits=8))
     # Linears that are not part of the graph's linear units (e.g. a pooler that is not
     # exported) stay float; their weights are not quantized by the export either.
     model.onnxq_qat = cfg
@@ -416,7 +489,7 @@ def export_qdq(
     tokenizer=None,
     batch_size: int = 32,
     seq_len: int = 128,
-    int8_embeddings: bool = True,
+    int8_embeddings: bool | None = None,
     fp32: bool = False,
 ):
     """Export a QAT model to a static QDQ onnx-ir Model whose activation scales are learned.
@@ -425,6 +498,8 @@ def export_qdq(
     (only for the graph fingerprint and for any tensor without a learned scale), and
     :class:`InsertQDQPass` runs with :class:`LearnedStats`.  Weights get the pass's own
     per-channel int8 / blocked int4 grid, which the fine-tuning simulated.
+    ``int8_embeddings`` (default: whatever :func:`prepare_qat` simulated) stores the large
+    embedding tables as int8 rows.
 
     Returns:
         ``(qdq_model, qdq_result)``; with ``fp32=True`` ``(qdq_model, qdq_result, fp32_graph)``.
@@ -449,10 +524,15 @@ def export_qdq(
         keep_fp=[_HADAMARD_MODULE], quantize_attention=cfg.quantize_attention,
         weight_bits=cfg.weight_bits, block_size=cfg.block_size,
     )(graph)
+    if int8_embeddings is None:
+        int8_embeddings = bool(cfg.embedding_tables)
     if int8_embeddings:
         from onnxq.passes.quantize_embeddings import QuantizeEmbeddingsPass
 
         result.embeddings = QuantizeEmbeddingsPass()(graph).tables
+        if cfg.embedding_tables and tuple(result.embeddings) != tuple(cfg.embedding_tables):
+            raise RuntimeError(f"int8 embedding tables {result.embeddings} differ from the "
+                               f"simulated ones {list(cfg.embedding_tables)}")
     graph.metadata_props["onnxq.qat"] = (
         f"W{cfg.weight_bits}A8 LSQ, target={cfg.target}, hadamard={list(cfg.hadamard)}"
     )
