@@ -256,7 +256,8 @@ def main() -> None:
         f"- Command: `{cmd.strip()}`",
         f"- Session: ORT_ENABLE_ALL, {args.threads} intra-op threads, config entries "
         f"{sopts or 'none'}. "
-        "All graphs interleaved in one run per batch size (FP32 first); \"vs FP32\" = "
+        "All graphs interleaved in one run per batch size, in one child process whose "
+        "sessions share one intra-op thread pool (FP32 first); \"vs FP32\" = "
         "FP32 median / this median. Cosine: pooled embeddings vs FP32 on the held-out "
         "split (256 samples). Op counts after onnxruntime's optimisation.",
         "",

@@ -16,13 +16,24 @@ integer ids uniform in ``[0, 1000)``, ``attention_mask`` ones,
 ``token_type_ids`` zeros, float inputs standard normal. The first dynamic
 dimension is the batch, every other dynamic dimension is ``seq_len``.
 Sessions use ``ORT_ENABLE_ALL`` (so Q/DQ fusions happen, as in deployment).
+
+The timing runs in a fresh child process whose sessions share **one** intra-op
+thread pool (``set_global_thread_pool_sizes``). With one pool per session, the
+idle workers of the model that just ran keep spinning while the next model runs
+and steal its cores: on 2 cores that doubled the batch-1 latency of every graph
+and distorted the ratios (FP32 MiniLM 64 ms interleaved vs 28 ms alone). One
+shared pool is what a single deployed session sees, and the child keeps that
+process-wide setting away from the caller's own onnxruntime sessions.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -87,7 +98,8 @@ def _check_path(path: str | os.PathLike) -> pathlib.Path:
     return p
 
 
-def _session(path: pathlib.Path, threads: int, session_options=None):
+def _session(path: pathlib.Path, session_options=None):
+    """A session on the process-wide thread pool (set up by :func:`_time_models`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -95,13 +107,80 @@ def _session(path: pathlib.Path, threads: int, session_options=None):
         opts.add_session_config_entry(key, str(value))
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    opts.inter_op_num_threads = 1
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts.use_per_session_threads = False
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises Fail/InvalidProtobuf/... with long texts
         raise ModelLoadError(f"onnxruntime cannot load {path}: {_one_line(exc)}") from None
+
+
+def _time_models(spec: dict[str, Any]) -> list[list[float]]:
+    """The timing loop; runs in the child process (see the module docstring)."""
+    from onnxruntime.capi import _pybind_state
+
+    # One intra-op pool for all sessions of this process (0 = all physical cores).
+    _pybind_state.set_global_thread_pool_sizes(int(spec["threads"]), 1)
+    checked = [pathlib.Path(p) for p in spec["paths"]]
+    batch, seq_len = spec["batch"], spec["seq_len"]
+    sessions = [_session(p, spec["session_options"]) for p in checked]
+    feeds = []
+    outputs = []
+    for p, s in zip(checked, sessions, strict=True):
+        f = synth_feeds(s, batch=batch, seq_len=seq_len, seed=spec["seed"])
+        try:
+            s.run(None, f)
+        except Exception as exc:
+            raise OnnxqError(f"onnxruntime cannot run {p} on batch {batch} x {seq_len}: "
+                             f"{_one_line(exc)}") from None
+        feeds.append(f)
+        outputs.append([o.name for o in s.get_outputs()])
+
+    n = len(sessions)
+    for _ in range(spec["warmup"]):
+        for s, f, o in zip(sessions, feeds, outputs, strict=True):
+            s.run(o, f)
+    times: list[list[float]] = [[] for _ in range(n)]
+    rounds = 0
+    spent = 0.0
+    seconds, repeat = spec["seconds"], spec["repeat"]
+    while True:
+        if seconds is None:
+            if rounds >= repeat:
+                break
+        elif rounds >= 2 and spent >= seconds:
+            break
+        start = rounds % n  # rotate who goes first, still one run per model per round
+        for k in range(n):
+            i = (start + k) % n
+            t0 = time.perf_counter()
+            sessions[i].run(outputs[i], feeds[i])
+            dt = time.perf_counter() - t0
+            times[i].append(dt * 1000.0)
+            spent += dt
+        rounds += 1
+    return times
+
+
+def _run_child(spec: dict[str, Any]) -> list[list[float]]:
+    """Run :func:`_time_models` in a fresh interpreter; errors come back as one line."""
+    root = str(pathlib.Path(__file__).resolve().parents[2])  # the folder holding onnxq/
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x)
+    proc = subprocess.run([sys.executable, "-m", "onnxq.eval._bench_child"],
+                          input=json.dumps(spec), capture_output=True, text=True, env=env)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        reply = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        reply = None
+    if not isinstance(reply, dict):
+        err = _one_line(Exception(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip()
+                                  else f"exit code {proc.returncode}"))
+        raise OnnxqError(f"the benchmark process failed: {err}")
+    if "error" in reply:
+        cls = ModelLoadError if reply.get("kind") == "ModelLoadError" else OnnxqError
+        raise cls(reply["error"])
+    return reply["times"]
 
 
 def synth_feeds(session, *, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -157,9 +236,10 @@ def bench(
         seconds: if given, keep running rounds until this much time has been spent
             measuring (at least 2 rounds); ``repeat`` is then ignored.
         seed: seed of the synthesized float inputs.
-        session_options: onnxruntime session config entries for every session, e.g.
-            ``{"session.intra_op.allow_spinning": "0"}`` (worth it when other jobs
-            share the cores: spinning workers then steal time from each other).
+        session_options: onnxruntime session config entries for every session.
+
+    The models are timed in a child process on one shared thread pool (see the
+    module docstring).
 
     Raises:
         OnnxqError: a path is missing or not loadable, or an option is out of range.
@@ -175,45 +255,14 @@ def bench(
     if seconds is not None and seconds <= 0:
         raise OnnxqError("seconds must be positive")
     checked = [_check_path(p) for p in paths]
-    sessions = [_session(p, threads, session_options) for p in checked]
-    feeds = []
-    outputs = []
-    for p, s in zip(checked, sessions):
-        f = synth_feeds(s, batch=batch, seq_len=seq_len, seed=seed)
-        try:
-            s.run(None, f)
-        except Exception as exc:
-            raise OnnxqError(f"onnxruntime cannot run {p} on batch {batch} x {seq_len}: "
-                             f"{_one_line(exc)}") from None
-        feeds.append(f)
-        outputs.append([o.name for o in s.get_outputs()])
-
-    n = len(sessions)
-    for _ in range(warmup):
-        for s, f, o in zip(sessions, feeds, outputs):
-            s.run(o, f)
-    times: list[list[float]] = [[] for _ in range(n)]
-    rounds = 0
-    spent = 0.0
-    while True:
-        if seconds is None:
-            if rounds >= repeat:
-                break
-        elif rounds >= 2 and spent >= seconds:
-            break
-        start = rounds % n  # rotate who goes first, still one run per model per round
-        for k in range(n):
-            i = (start + k) % n
-            t0 = time.perf_counter()
-            sessions[i].run(outputs[i], feeds[i])
-            dt = time.perf_counter() - t0
-            times[i].append(dt * 1000.0)
-            spent += dt
-        rounds += 1
+    spec = {"paths": [str(p) for p in checked], "batch": batch, "seq_len": seq_len,
+            "threads": threads, "warmup": warmup, "repeat": repeat, "seconds": seconds,
+            "seed": seed, "session_options": dict(session_options or {})}
+    times = _run_child(spec)
 
     results = []
     base_median = float(np.median(times[0]))
-    for p, ts in zip(paths, times):
+    for p, ts in zip(paths, times, strict=True):
         arr = np.asarray(ts)
         med = float(np.median(arr))
         results.append(BenchResult(
@@ -232,7 +281,7 @@ def format_table(results: Sequence[BenchResult], *, names: Sequence[str] | None 
     head = (f"{'model':<{w}}  {'median ms':>10}  {'p90 ms':>9}  {'samples/s':>10}  "
             f"{'vs first':>8}")
     lines = [head, "-" * len(head)]
-    for label, r in zip(labels, results):
+    for label, r in zip(labels, results, strict=True):
         lines.append(f"{label:<{w}}  {r.median_ms:>10.2f}  {r.p90_ms:>9.2f}  "
                      f"{r.throughput:>10.1f}  {r.speedup:>7.2f}x")
     if results:

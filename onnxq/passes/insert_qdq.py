@@ -210,6 +210,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
         if self.quantize_attention and self.target.fold_attention_scale:
             result.modified |= self._fold_attention_scales(graph, namer) > 0
+        if self.target.lower_bias_gemm:
+            from onnxq.passes.bias_gemm import QuantizedBiasGemmPass
+
+            result.modified |= QuantizedBiasGemmPass()(model).modified
 
         # Float weights that no longer have users are dropped.
         for name, value in list(graph.initializers.items()):

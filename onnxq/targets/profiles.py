@@ -50,6 +50,9 @@ class TargetProfile:
             DequantizeLinear. onnxruntime CPU fuses the FP32 MatMul+Mul into one
             FusedMatMul; after quantization the Mul would otherwise run as a separate
             pass over the [batch, heads, seq, seq] scores.
+        lower_bias_gemm: rewrite quantized linears whose bias Add feeds only layout ops
+            (Q/K/V projections) as QDQ ``Gemm`` with an int32 bias on 2-D rows
+            (:mod:`onnxq.passes.bias_gemm`); onnxruntime CPU fuses that into ``QGemm``.
     """
 
     name: str
@@ -69,6 +72,7 @@ class TargetProfile:
     require_explicit_qdq_type: bool = False
     allow_gemm_output_q: bool = True
     fold_attention_scale: bool = False
+    lower_bias_gemm: bool = False
 
 
 _TRT_FORBID = (
@@ -112,6 +116,7 @@ TARGETS: dict[str, TargetProfile] = {
         quantize_attention_matmuls=True,
         allowed_qdq_types=("int8", "uint8", "int32", "int4", "uint4"),
         fold_attention_scale=True,
+        lower_bias_gemm=True,
     ),
     "tensorrt": _TENSORRT,
     # TensorRT as JetPack ships it: opset <= 21 and no int4 (see the module docstring).

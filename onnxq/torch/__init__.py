@@ -26,10 +26,12 @@ from onnxq.torch._export import export_module
 from onnxq.torch.finetune import finetune
 from onnxq.torch.modules import ClippedSoftmax, GatedAttention, patch
 from onnxq.torch.qat import (
-    LSQQuantizer,
     LearnedStats,
+    LSQQuantizer,
+    QATEmbedding,
     QATLinear,
     export_qdq,
+    fake_quant_rows,
     fake_quant_weight,
     float_copy,
     learned_scales,
@@ -42,9 +44,11 @@ __all__ = [
     "GatedAttention",
     "LSQQuantizer",
     "LearnedStats",
+    "QATEmbedding",
     "QATLinear",
     "export_module",
     "export_qdq",
+    "fake_quant_rows",
     "fake_quant_weight",
     "finetune",
     "float_copy",

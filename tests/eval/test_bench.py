@@ -95,3 +95,37 @@ def test_cli_bad_path_one_line_exit_2(two_models, tmp_path):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("onnxq: error:") and "missing.onnx" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_shared_pool_stays_in_the_child(two_models):
+    """The timing child sets a process-wide onnxruntime thread pool; the caller's own
+    sessions (per-session pools, e.g. calibration) must still work afterwards."""
+    import onnxruntime as ort
+
+    bench([str(two_models[0])], batch=1, seq_len=4, warmup=0, repeat=1, threads=1)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(two_models[0]), opts, providers=["CPUExecutionProvider"])
+    out = sess.run(None, synth_feeds(sess, batch=1, seq_len=4))
+    assert out[0].shape[0] == 1
+
+
+def test_child_runs_sessions_on_one_shared_pool(two_models):
+    """Structure of the child: its sessions do not own per-session thread pools."""
+    code = (
+        "import json, sys; from onnxq.eval.bench import _time_models;"
+        "import onnxruntime as ort;"
+        "t = _time_models(json.loads(sys.argv[1]));"
+        "o = ort.SessionOptions(); o.intra_op_num_threads = 1\n"
+        "try:\n"
+        "    ort.InferenceSession(sys.argv[2], o, providers=['CPUExecutionProvider'])\n"
+        "    print('per-session allowed')\n"
+        "except Exception:\n"
+        "    print('global pool active', len(t))\n"
+    )
+    spec = {"paths": [str(two_models[0])], "batch": 1, "seq_len": 4, "threads": 1, "warmup": 0,
+            "repeat": 2, "seconds": None, "seed": 0, "session_options": {}}
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec), str(two_models[0])],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("global pool active 1"), proc.stdout
