@@ -230,14 +230,16 @@ class QuantizedBiasGemmPass(ir.passes.InPlacePass):
             if rank > 2:
                 q_in = node("Reshape", [x, _const_i64(graph, f"{base}_rows_shape", [-1, m.k])],
                             f"{x.name or base}_rows")
-                q_in.dtype, q_in.shape = x.dtype, ir.Shape([None, m.k])
+                q_in.dtype, q_in.shape = x.dtype or ir.DataType.FLOAT, ir.Shape([None, m.k])
             q_out = ir.Value(name=_fresh(graph, f"{q_in.name}_quantized"))
             qn = ir.node("QuantizeLinear", [q_in, *m.q.inputs[1:]],
                          attributes=dict(m.q.attributes),
                          outputs=[q_out], name=_fresh(graph, f"{q_in.name}_QuantizeLinear"))
             tag(qn, PASS_NAME, m.q)
             new.append(qn)
-            q_out.dtype = m.q.outputs[0].dtype
+            zp = const_array(m.q.inputs[2]) if len(m.q.inputs) > 2 else None
+            q_out.dtype = m.q.outputs[0].dtype or (
+                ir.DataType.from_numpy(zp.dtype) if zp is not None else ir.DataType.UINT8)
             a = node("DequantizeLinear", [q_out, *m.a_dq.inputs[1:]], f"{q_in.name}_dequantized")
             a.dtype, a.shape = ir.DataType.FLOAT, q_in.shape
             rows[id(m.q)] = a
@@ -253,14 +255,17 @@ class QuantizedBiasGemmPass(ir.passes.InPlacePass):
             shp = lead.get(id(m.q))
             if shp is None:
                 full = node("Shape", [x], f"{x.name or base}_shape")
+                full.dtype = ir.DataType.INT64
                 shp = node("Slice", [full, _const_i64(graph, f"{base}_zero", [0]),
                                      _const_i64(graph, f"{base}_minus_one", [-1])],
                            f"{x.name or base}_lead_dims")
+                shp.dtype = ir.DataType.INT64
                 lead[id(m.q)] = shp
             target = node("Concat", [shp, _const_i64(graph, f"{base}_n", [m.n])],
                           f"{base}_shape", axis=0)
+            target.dtype = ir.DataType.INT64
             y = node("Reshape", [y2, target], f"{base}_restored")
-            y.dtype, y.shape = old.dtype, old.shape
+            y.dtype, y.shape = old.dtype or ir.DataType.FLOAT, old.shape
         else:
             y = y2
         graph.insert_before(m.add, new)

@@ -167,3 +167,37 @@ def test_result_names_the_lowered_linears(lower):
     InsertQDQPass(stats=stats, target=target, method="minmax")(model)
     res = QuantizedBiasGemmPass()(model)
     assert res.modified and sorted(res.lowered) == ["key", "query"]
+
+
+def test_untyped_intermediate_values_serialize():
+    """Graphs from onnx.helper often carry no value_info for intermediate tensors."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    nodes, inits, x = [], [], "x"
+    for i in range(2):
+        inits += [numpy_helper.from_array((rng.standard_normal((H, H)) / 4).astype(np.float32),
+                                          f"w{i}"),
+                  numpy_helper.from_array(rng.standard_normal(H).astype(np.float32), f"b{i}")]
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"mm{i}"),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"y{i}"], name=f"add{i}")]
+        x = f"y{i}"
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", H])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["b", "s", H])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model = ir.from_proto(proto)
+    stats = calibrate(model, _feeds())
+    InsertQDQPass(stats=stats, target=get_target("ort-cpu"), method="minmax")(model)
+    assert op_counts(model)["Gemm"] == 1  # y0 feeds only the next QuantizeLinear
+    out = to_proto(model)
+    onnx.checker.check_model(out)
+    plain = ir.from_proto(proto)
+    InsertQDQPass(stats=stats, target=dataclasses.replace(get_target("ort-cpu"),
+                                                          lower_bias_gemm=False),
+                  method="minmax")(plain)
+    feeds = _feeds(1, seed=5)[0]
+    got = _ort(model, feeds, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)[0]
+    want = run(plain, feeds)[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=2e-3, rtol=0)
