@@ -44,12 +44,12 @@ def _expand(methods: tuple[str, ...], target: str = "tensorrt") -> list[str]:
             continue
         if m == "auto":
             if target == "ort-cpu":
-                # onnxruntime CPU: OS+ only. Its folds cost one Mul+Add per norm site
-                # at run time; PEG's channel Gathers (Gather -> K MatMuls -> Sum at
-                # every FFN down-projection) made the INT8 graph slower than FP32
-                # (0.9-1.1x FP32 speed vs 1.5-1.8x without them, batch 32 x 128,
-                # 2 threads), and the asymmetric uint8 activations of this target need
-                # PEG less: held-out cosine 0.995 with OS+ alone vs 0.997 with OS+ + PEG
+                # onnxruntime CPU: OS+ only. Its folds cost one Mul per norm site at
+                # run time (the post-LN residual restore, ~2%); PEG's groups, even as one
+                # Split per FFN input, add 30 smaller GEMMs, 30 QuantizeLinear and 6 Sums
+                # (~10% slower: 1.51x vs 1.66x FP32 at batch 32 x 128, 1.35x vs 1.54x at
+                # batch 1), and the asymmetric uint8 activations of this target need PEG
+                # less: held-out cosine 0.995 with OS+ alone vs 0.997 with OS+ + PEG
                 # (docs/benchmarks.md, speed section).
                 out += ["osplus"]
             else:

@@ -3,7 +3,8 @@
 
 All graphs are timed **interleaved in one run** (onnxq.eval.bench, FP32 first), at
 batch 32 x 128 and at batch 1 x 128, so the ratios survive machine drift and
-noisy neighbours. Fidelity: pooled-embedding cosine vs FP32 on the held-out split
+noisy neighbours; ``--runs`` independent runs (default 3) give the median ratio
+and its range. Fidelity: pooled-embedding cosine vs FP32 on the held-out split
 of the built-in text (256 samples). Op counts come from the graph onnxruntime
 optimizes (``optimized_model_filepath``).
 
@@ -93,9 +94,9 @@ def _ops(path: pathlib.Path) -> str:
 
     m = onnx.load(str(path), load_external_data=False)
     c = collections.Counter(n.op_type for n in m.graph.node)
-    keys = ("MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMul",
-            "FusedMatMul", "QuantizeLinear", "DynamicQuantizeLinear", "DequantizeLinear",
-            "SkipLayerNormalization", "BiasGelu", "Gelu", "Gather", "Sum")
+    keys = ("MatMulIntegerToFloat", "QGemm", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMul",
+            "FusedMatMul", "Gemm", "QuantizeLinear", "DynamicQuantizeLinear", "DequantizeLinear",
+            "SkipLayerNormalization", "BiasGelu", "Gelu", "Gather", "Sum", "Add", "Mul")
     return ", ".join(f"{k} {c[k]}" for k in keys if c[k])
 
 
@@ -188,6 +189,22 @@ def _gemm_ceiling(work: pathlib.Path, threads: int, repeat: int, sopts: dict) ->
     return lines
 
 
+def _median_run(runs: list) -> list:
+    """Per model, the result whose speed-up is the median over ``runs`` (lower middle)."""
+    out = []
+    for i in range(len(runs[0])):
+        ranked = sorted((r[i] for r in runs), key=lambda x: x.speedup)
+        out.append(ranked[(len(ranked) - 1) // 2])
+    return out
+
+
+def _ratio_cell(runs: list, i: int) -> str:
+    """``median x (min-max)`` of model ``i``'s speed-up over the runs."""
+    xs = sorted(r[i].speedup for r in runs)
+    med = xs[(len(xs) - 1) // 2]
+    return f"{med:.2f}x" if len(xs) == 1 else f"{med:.2f}x ({xs[0]:.2f}-{xs[-1]:.2f})"
+
+
 def _cpu() -> str:
     isa = ", ".join(_benchlib.cpu_isa()) or "no AVX2"
     return f"{_benchlib.cpu_model() or platform.machine()} ({isa}), {os.cpu_count()} logical cores"
@@ -201,6 +218,9 @@ def main() -> None:
     ap.add_argument("--repeat1", type=int, default=150, help="timed rounds at batch 1")
     ap.add_argument("--rows", default="onnxq ort-cpu,onnxq ort-cpu +peg,onnxq ort-cpu none",
                     help=f"onnxq rows to build, comma-separated, from: {', '.join(ONNXQ_ROWS)}")
+    ap.add_argument("--runs", type=int, default=3,
+                    help="independent interleaved runs per batch size; the table reports the "
+                         "median ratio and the range over the runs")
     ap.add_argument("--session-option", action="append", default=[], metavar="KEY=VALUE",
                     help="onnxruntime session config entry for every timed session")
     ap.add_argument("--write-docs", action="store_true")
@@ -235,14 +255,17 @@ def main() -> None:
     names = list(paths)
     files = [str(paths[n]) for n in names]
     sopts = dict(kv.split("=", 1) for kv in args.session_option)
-    r32 = bench(files, batch=32, seq_len=128, threads=args.threads, warmup=2, repeat=args.repeat,
-                session_options=sopts)
-    t32 = format_table(r32, names=names)
-    print(t32, flush=True)
-    r1 = bench(files, batch=1, seq_len=128, threads=args.threads, warmup=10, repeat=args.repeat1,
-               session_options=sopts)
-    t1 = format_table(r1, names=names)
-    print(t1, flush=True)
+    runs32, runs1 = [], []
+    for _ in range(max(1, args.runs)):
+        runs32.append(bench(files, batch=32, seq_len=128, threads=args.threads, warmup=2,
+                            repeat=args.repeat, session_options=sopts))
+        print(format_table(runs32[-1], names=names), flush=True)
+        runs1.append(bench(files, batch=1, seq_len=128, threads=args.threads, warmup=10,
+                           repeat=args.repeat1, session_options=sopts))
+        print(format_table(runs1[-1], names=names), flush=True)
+    r32, r1 = _median_run(runs32), _median_run(runs1)
+    t32 = "\n\n".join(format_table(r, names=names) for r in runs32)
+    t1 = "\n\n".join(format_table(r, names=names) for r in runs1)
 
     ceiling = _gemm_ceiling(work, args.threads, args.repeat, sopts)
     print("\n".join(ceiling), flush=True)
@@ -256,20 +279,22 @@ def main() -> None:
         f"- Command: `{cmd.strip()}`",
         f"- Session: ORT_ENABLE_ALL, {args.threads} intra-op threads, config entries "
         f"{sopts or 'none'}. "
-        "All graphs interleaved in one run per batch size, in one child process whose "
+        "All graphs interleaved in each run, in one child process whose "
         "sessions share one intra-op thread pool (FP32 first); \"vs FP32\" = "
-        "FP32 median / this median. Cosine: pooled embeddings vs FP32 on the held-out "
+        "FP32 median / this median, per run; the table gives the median over the "
+        f"{max(1, args.runs)} runs and their range (ms: the run with the median ratio). "
+        "Cosine: pooled embeddings vs FP32 on the held-out "
         "split (256 samples). Op counts after onnxruntime's optimisation.",
         "",
         "| graph | mean cos | min cos | recall@10 | b32 ms | b32 vs FP32 | b1 ms | b1 vs FP32 "
         "| ops after ORT optimisation |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for n, a, b in zip(names, r32, r1, strict=True):
+    for i, (n, a, b) in enumerate(zip(names, r32, r1, strict=True)):
         f = fid[n]
         lines.append(f"| {n} | {f['mean_cos']:.4f} | {f['min_cos']:.4f} | {f['recall']:.3f} | "
-                     f"{a.median_ms:.0f} | {a.speedup:.2f}x | {b.median_ms:.1f} | "
-                     f"{b.speedup:.2f}x | {f['ops']} |")
+                     f"{a.median_ms:.0f} | {_ratio_cell(runs32, i)} | {b.median_ms:.1f} | "
+                     f"{_ratio_cell(runs1, i)} | {f['ops']} |")
     lines.append("")
     lines += [f"- **{n}**: {desc[n]}" for n in names]
     lines += [f"- **{n}**: failed: {e}" for n, e in errors.items()]

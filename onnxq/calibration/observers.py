@@ -238,9 +238,13 @@ class TensorObserver:
                 "(the last axis is the channel axis)"
             )
         v = rows.astype(np.float64, copy=False)
-        finite = np.isfinite(v)
-        if not finite.all():
-            bad = int(v.size - np.count_nonzero(finite))
+        # Extremes first: min/max propagate NaN and show Inf, so they double as the
+        # finiteness check without another pass over the batch.
+        col_min = v.min(axis=0)
+        col_max = v.max(axis=0)
+        bmin, bmax = float(col_min.min()), float(col_max.max())
+        if not (math.isfinite(bmin) and math.isfinite(bmax)):
+            bad = int(v.size - np.count_nonzero(np.isfinite(v)))
             raise ValueError(f"tensor contains NaN or Inf values ({bad} of {v.size})")
 
         first = self._count == 0
@@ -251,9 +255,6 @@ class TensorObserver:
             self._ch_shift = v.mean(axis=0)
 
         # Running extremes.
-        col_min = v.min(axis=0)
-        col_max = v.max(axis=0)
-        bmin, bmax = float(col_min.min()), float(col_max.max())
         if first:
             self._min, self._max = bmin, bmax
             self._ch_min, self._ch_max = col_min.copy(), col_max.copy()
@@ -264,12 +265,14 @@ class TensorObserver:
         np.maximum(self._ch_absmax, np.maximum(-col_min, col_max), out=self._ch_absmax)
 
         # Shifted moments.
-        y = v - self._shift
+        y = (v - self._shift).reshape(-1)
         y2 = y * y
-        self._moments += (y.sum(), y2.sum(), (y2 * y).sum(), (y2 * y2).sum())
+        # einsum: one pass per product, no temporaries, no threading (deterministic).
+        self._moments += (y.sum(), y2.sum(), np.einsum("i,i->", y2, y),
+                          np.einsum("i,i->", y2, y2))
         yc = v - self._ch_shift
         self._ch_sum += yc.sum(axis=0)
-        self._ch_sumsq += (yc * yc).sum(axis=0)
+        self._ch_sumsq += np.einsum("ij,ij->j", yc, yc)
 
         # Histogram.
         batch_absmax = max(-bmin, bmax)
@@ -299,8 +302,11 @@ class TensorObserver:
 
     def _bin_counts(self, values: np.ndarray) -> np.ndarray:
         scale = self._bins / (2.0 * self._range)
-        idx = np.floor((values + self._range) * scale).astype(np.int64)
-        np.clip(idx, 0, self._bins - 1, out=idx)
+        pos = values + self._range
+        pos *= scale
+        np.floor(pos, out=pos)
+        np.clip(pos, 0, self._bins - 1, out=pos)
+        idx = pos.astype(np.intp)
         return np.bincount(idx, minlength=self._bins).astype(np.int64, copy=False)
 
     def _reservoir_add(self, rows: np.ndarray, n_before: int) -> None:

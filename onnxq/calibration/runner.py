@@ -12,10 +12,11 @@ number of samples.
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
+import os
 import pathlib
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx_ir as ir
@@ -168,12 +169,14 @@ def calibrate(
             return sess.run(names, feed)
         except Exception as exc:  # onnxruntime raises on dtype/shape mismatches
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise CalibrationDataError(f"calibration batch does not fit the model: {msg}")
+            raise CalibrationDataError(f"calibration batch does not fit the model: {msg}") from None
 
     # onnxruntime releases the GIL while it runs, so the next batch runs on a worker
     # thread while this one feeds the observers: at most two batches of tapped
     # activations are alive at once, whatever the number of samples.
-    with make_session(clone) as sess, ThreadPoolExecutor(max_workers=1) as pool:
+    obs_workers = max(1, min(2, os.cpu_count() or 1))
+    with (make_session(clone) as sess, ThreadPoolExecutor(max_workers=1) as pool,
+          ThreadPoolExecutor(max_workers=obs_workers) as obs_pool):
         batches = iter(data)
         first = next(batches, None)
         pending = None if first is None else (checked(first), None)
@@ -188,17 +191,26 @@ def calibrate(
                 nfeed = checked(nxt)
                 pending = (nfeed, pool.submit(run, sess, nfeed))
             mask = feed.get("attention_mask")
-            for n, arr in zip(names, outs):
+
+            def observe(n: str, arr: np.ndarray, mask=mask) -> str | None:
                 row_mask = _row_mask(arr, mask) if per_channel[n] else None
                 if not per_channel[n]:
                     arr = arr.reshape(-1, 1)
                 try:
                     observers[n].update(arr, row_mask)
                 except ValueError as exc:
+                    return str(exc)
+                return None
+
+            # Observers are independent and numpy releases the GIL, so they update in
+            # parallel (each one still sees the batches in order: same statistics).
+            errors = list(obs_pool.map(observe, names, outs))
+            for n, err in zip(names, errors, strict=True):
+                if err is not None:
                     where = f" ({modules[n]})" if modules[n] else ""
                     raise CalibrationDataError(
-                        f"calibration activation {n!r}{where}: {exc}".splitlines()[0]
-                    ) from None
+                        f"calibration activation {n!r}{where}: {err}".splitlines()[0]
+                    )
             del outs
             batch = next(iter(feed.values())).shape[0] if feed else 0
             samples += batch
