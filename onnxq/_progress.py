@@ -7,6 +7,8 @@ import sys
 import time
 from collections.abc import Iterator
 
+from onnxq import _interrupt
+
 __all__ = ["Progress"]
 
 
@@ -30,11 +32,13 @@ class Progress:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        _interrupt.check()
         self._say(f"onnxq: {name} ...")
         t0 = time.perf_counter()
         done = False
         try:
             yield
+            _interrupt.check()
             done = True
         finally:
             dt = time.perf_counter() - t0

@@ -288,6 +288,9 @@ def _set_debug(opts: dict[str, Any]) -> None:
 
 
 def _on_signal(signum, frame):  # pragma: no cover - exercised by subprocess tests
+    from onnxq import _interrupt
+
+    _interrupt.request()  # checked at every stage boundary, should this raise get lost
     raise KeyboardInterrupt
 
 
@@ -306,6 +309,7 @@ def _user_error_in_chain(exc: BaseException) -> OnnxqError | None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``onnxq`` console script."""
     signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         cli.main(args=argv, prog_name="onnxq", standalone_mode=False)
     except click.exceptions.Abort:

@@ -19,6 +19,7 @@ import warnings
 import onnx
 import onnx_ir as ir
 
+from onnxq import _interrupt
 from onnxq.errors import ModelLoadError, OnnxqError
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "atomic_output", "load", "save", "total_initializer_bytes"]
@@ -221,6 +222,7 @@ def atomic_output(path: str | os.PathLike):
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=parent))
     try:
         yield tmp
+        _interrupt.check()  # an interrupted run writes nothing, even if the raise got lost
         produced = sorted(tmp.iterdir(), key=lambda f: f.name == dest.name)
         for f in produced:
             os.replace(f, parent / f.name)

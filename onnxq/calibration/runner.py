@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import signal
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -175,8 +176,10 @@ def calibrate(
     # thread while this one feeds the observers: at most two batches of tapped
     # activations are alive at once, whatever the number of samples.
     obs_workers = max(1, min(2, os.cpu_count() or 1))
-    with (make_session(clone) as sess, ThreadPoolExecutor(max_workers=1) as pool,
-          ThreadPoolExecutor(max_workers=obs_workers) as obs_pool):
+    with (make_session(clone) as sess,
+          ThreadPoolExecutor(max_workers=1, initializer=_main_thread_signals) as pool,
+          ThreadPoolExecutor(max_workers=obs_workers, initializer=_main_thread_signals)
+          as obs_pool):
         batches = iter(data)
         first = next(batches, None)
         pending = None if first is None else (checked(first), None)
@@ -221,6 +224,19 @@ def calibrate(
     info = {"samples": samples, "bins": bins}
     info.update(meta or {})
     return Stats(fingerprint=graph_fingerprint(model), observers=observers, meta=info)
+
+
+def _main_thread_signals() -> None:
+    """Worker-thread initializer: leave SIGINT/SIGTERM to the main thread.
+
+    A signal taken by a worker thread does not interrupt the main thread's wait on a
+    future; Python then runs the handler at whatever bytecode the main thread reaches
+    next, which can be inside a finalizer where the KeyboardInterrupt is dropped and the
+    run goes on. Blocked here, the kernel delivers the signal to the main thread, whose
+    wait ends with the KeyboardInterrupt right away.
+    """
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
