@@ -174,8 +174,8 @@ def _run_child(spec: dict[str, Any]) -> list[list[float]]:
     except json.JSONDecodeError:
         reply = None
     if not isinstance(reply, dict):
-        err = _one_line(Exception(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip()
-                                  else f"exit code {proc.returncode}"))
+        err_lines = proc.stderr.strip().splitlines()
+        err = err_lines[-1] if err_lines else f"exit code {proc.returncode}"
         raise OnnxqError(f"the benchmark process failed: {err}")
     if "error" in reply:
         cls = ModelLoadError if reply.get("kind") == "ModelLoadError" else OnnxqError

@@ -210,16 +210,13 @@ class QuantizedBiasGemmPass(ir.passes.InPlacePass):
                rows: dict[int, ir.Value], lead: dict[int, ir.Value]) -> None:
         x = m.q.inputs[0]
         base = m.add.outputs[0].name or m.matmul.name or "linear"
-        module = m.matmul.metadata_props.get("onnxq.module")
         new: list[ir.Node] = []
 
         def node(op: str, inputs, name: str, **attrs) -> ir.Value:
-            out = ir.Value(name=_fresh(graph, name))
+            out = ir.Value(name=unique_name(graph, name))
             n = ir.node(op, inputs, attributes=attrs or None, outputs=[out],
-                        name=_fresh(graph, name + "_node"))
-            tag(n, PASS_NAME, m.matmul)
-            if module:
-                n.metadata_props["onnxq.module"] = module
+                        name=unique_name(graph, name + "_node"))
+            tag(n, PASS_NAME, m.matmul)  # keeps the linear's onnxq.module
             new.append(n)
             return out
 
@@ -231,10 +228,10 @@ class QuantizedBiasGemmPass(ir.passes.InPlacePass):
                 q_in = node("Reshape", [x, _const_i64(graph, f"{base}_rows_shape", [-1, m.k])],
                             f"{x.name or base}_rows")
                 q_in.dtype, q_in.shape = x.dtype or ir.DataType.FLOAT, ir.Shape([None, m.k])
-            q_out = ir.Value(name=_fresh(graph, f"{q_in.name}_quantized"))
+            q_out = ir.Value(name=unique_name(graph, f"{q_in.name}_quantized"))
             qn = ir.node("QuantizeLinear", [q_in, *m.q.inputs[1:]],
                          attributes=dict(m.q.attributes),
-                         outputs=[q_out], name=_fresh(graph, f"{q_in.name}_QuantizeLinear"))
+                         outputs=[q_out], name=unique_name(graph, f"{q_in.name}_QuantizeLinear"))
             tag(qn, PASS_NAME, m.q)
             new.append(qn)
             zp = const_array(m.q.inputs[2]) if len(m.q.inputs) > 2 else None
@@ -280,7 +277,3 @@ class QuantizedBiasGemmPass(ir.passes.InPlacePass):
         drop_if_dead(dead_inputs + list(m.a_dq.inputs[1:]))
         if name:
             y.name = name
-
-
-def _fresh(graph: ir.Graph, base: str) -> str:
-    return unique_name(graph, base)

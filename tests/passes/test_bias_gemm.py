@@ -8,7 +8,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-import pytest
 
 from onnxq.calibration.runner import calibrate
 from onnxq.passes.bias_gemm import QuantizedBiasGemmPass
@@ -159,8 +158,7 @@ def test_contract_idempotent_and_untouched_when_nothing_matches():
     assert to_proto(fp).SerializeToString() == before
 
 
-@pytest.mark.parametrize("lower", [True])
-def test_result_names_the_lowered_linears(lower):
+def test_result_names_the_lowered_linears():
     model = _projections_model()
     stats = calibrate(model, _feeds())
     target = dataclasses.replace(get_target("ort-cpu"), lower_bias_gemm=False)
